@@ -1,0 +1,25 @@
+"""embxfer.adapters — bind the core to transports and buffers; the public facade.
+
+```python
+from embxfer.adapters import connect_loopback, EmbeddingData, Poll
+link = connect_loopback(Settings(hidden_size=64), receivers=1)
+rx, tx = link.receivers[0], link.sender
+rx.init(room); tx.send(room, data); link.run_until_idle()
+assert rx.poll(room) == Poll.Success; rows = rx.take(room)
+```
+"""
+
+from embxfer.core import Poll, Settings
+from embxfer.transports.buffers import EmbeddingData
+
+from ._loopback import LoopbackLink, ReceiverHandle, SenderHandle, connect_loopback
+
+__all__ = [
+    "EmbeddingData",
+    "LoopbackLink",
+    "Poll",
+    "ReceiverHandle",
+    "SenderHandle",
+    "Settings",
+    "connect_loopback",
+]

@@ -1,0 +1,277 @@
+"""The facade over the loopback transport: a sender and N receivers in one process.
+
+Each handle binds one sans-I/O endpoint to the network and to torch buffers: it feeds the
+endpoint events with the network's virtual ``now`` and executes the actions it returns,
+in order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from embxfer.core import (
+    Action,
+    AuxHeader,
+    CollectRows,
+    DecodeError,
+    LocalProtocolError,
+    Poll,
+    Receiver,
+    ReleaseSource,
+    RoomFailedError,
+    RoomFinished,
+    SendMessage,
+    Sender,
+    Settings,
+    WriteRows,
+    decode,
+    encode,
+    slot_runs,
+)
+from embxfer.transports.buffers import Assembly, EmbeddingData, PoolBuffers, SourceRows
+from embxfer.transports.loopback import LoopbackNetwork, Packet
+
+SENDER = "sender"
+
+
+def receiver_name(rank: int) -> str:
+    return f"receiver{rank}"
+
+
+class _Handle:
+    name: str
+    endpoint: Any
+
+    def __init__(self, link: "LoopbackLink") -> None:
+        self.link = link
+        self.network = link.network
+        self.decode_errors = 0
+        self.violations: list[str] = []
+
+    def _run(self, actions: Iterable[Action]) -> None:
+        queue = deque(actions)
+        while queue:
+            queue.extend(self._execute(queue.popleft()) or ())
+
+    def _execute(self, action: Action) -> list[Action] | None:
+        raise NotImplementedError
+
+    def poll(self, room: int) -> Poll:
+        return self.endpoint.poll(room)  # type: ignore[no-any-return]
+
+    def failure(self, room: int) -> str:
+        """The reason a room failed ('' while it has not)."""
+        return self.endpoint.failure(room)  # type: ignore[no-any-return]
+
+    def abort(self, room: int, reason: str = "") -> None:
+        kwargs = {"reason": reason} if reason else {}
+        self._run(self.endpoint.abort(room, self.network.now, **kwargs))
+
+    def stats(self) -> dict[str, int]:
+        counters = dict(self.endpoint.stats)
+        counters["decode_errors"] = self.decode_errors
+        return counters
+
+    def _on_tick(self, now: float) -> None:
+        self._run(self.endpoint.tick(now))
+
+    def _decode(self, packet: Packet) -> Any:
+        try:
+            return decode(packet.frames or [], block_size=self.link.settings.block_size)
+        except DecodeError:
+            self.decode_errors += 1  # a garbled frame names no room we can trust: drop it
+            return None
+
+
+class SenderHandle(_Handle):
+    """The encode side: ``send(room, data)`` and the write path."""
+
+    name = SENDER
+
+    def __init__(self, link: "LoopbackLink") -> None:
+        super().__init__(link)
+        self.endpoint = Sender(link.settings)
+        self.sources: dict[int, SourceRows] = {}
+        self.network.attach(SENDER, self._on_packet, self._on_tick)
+
+    def send(self, room: int, data: EmbeddingData) -> None:
+        if not isinstance(data, EmbeddingData):
+            raise LocalProtocolError("data must be an EmbeddingData", field="data")
+        data.check_fits(self.link.settings)
+        if room in self.sources:
+            raise LocalProtocolError(f"room {room} already has its data", field="room")
+        self.sources[room] = SourceRows(data)
+        try:
+            actions = self.endpoint.send(room, data.num_tokens, data.mrope_position_delta, self.network.now)
+        except RoomFailedError as error:
+            self._run(error.actions)
+            raise
+        except LocalProtocolError:
+            del self.sources[room]
+            raise
+        self._run(actions)
+
+    def _on_packet(self, packet: Packet) -> None:
+        message = self._decode(packet)
+        if message is not None:
+            self._run(self.endpoint.receive(message, self.network.now))
+
+    def _on_write_done(self, packet: Packet, error: str | None) -> None:
+        write: WriteRows = packet.write
+        self._run(self.endpoint.write_done(write.room, write.rank, write.round, self.network.now, error))
+
+    def _execute(self, action: Action) -> list[Action] | None:
+        if isinstance(action, WriteRows):
+            self.network.submit_write(SENDER, receiver_name(action.rank), action)
+        elif isinstance(action, SendMessage):
+            assert action.rank is not None
+            self.network.send(SENDER, receiver_name(action.rank), encode(action.message))
+        elif isinstance(action, ReleaseSource):
+            self.sources.pop(action.room, None)
+        return None
+
+    def land(self, write: WriteRows, receiver: "ReceiverHandle") -> None:
+        """Copy a write's rows into the receiver's pool (the loopback data plane)."""
+        source = self.sources.get(write.room)
+        if source is None:
+            raise AssertionError(f"write for room {write.room} after its source was released")
+        receiver.check_ownership(write)
+        receiver.buffers.write(source, write.sent_tokens, write.runs)
+        if write.aux is not None and write.aux_block is not None:
+            receiver.buffers.write_aux(write.aux_block, write.aux)
+
+
+class ReceiverHandle(_Handle):
+    """The language side: ``init``, ``poll``, ``take`` and the pool."""
+
+    def __init__(self, link: "LoopbackLink", rank: int, required: int) -> None:
+        super().__init__(link)
+        self.rank = rank
+        self.name = receiver_name(rank)
+        self.endpoint = Receiver(link.settings, rank=rank, required_dst_info_num=required)
+        self.buffers = PoolBuffers(link.settings)
+        self.assemblies: dict[int, Assembly] = {}
+        self.results: dict[int, EmbeddingData] = {}
+        self.network.attach(self.name, self._on_packet, self._on_tick)
+
+    @property
+    def allocator(self) -> Any:
+        return self.endpoint.allocator
+
+    def connect(self) -> None:
+        self.network.send(self.name, SENDER, encode(self.endpoint.register_message(endpoint=self.name)))
+        self._run(self.endpoint.peer_connected(self.network.now))
+
+    def init(self, room: int) -> None:
+        self._run(self.endpoint.init(room, self.network.now))
+
+    def take(self, room: int) -> EmbeddingData:
+        """The room's rows, exactly as sent; the room is forgotten afterwards."""
+        state = self.endpoint.poll(room)
+        if state != Poll.Success:
+            raise LocalProtocolError(f"room {room} is {state.name}: {self.endpoint.failure(room)}", field="room")
+        result = self.results.pop(room)
+        self.endpoint.forget(room)
+        return result
+
+    def check_ownership(self, write: WriteRows) -> None:
+        """Every slot a write touches must belong to a live allocation of that room."""
+        allocator = self.endpoint.allocator
+        bs = allocator.block_size
+        for first_slot, _, length in write.runs:
+            for block in range(first_slot // bs, (first_slot + length - 1) // bs + 1):
+                owner = allocator.owner_of_block(block)
+                room = allocator.owner_room(owner) if owner is not None else None
+                if room != write.room:
+                    self.violations.append(
+                        f"write of room {write.room} round {write.round} touched block {block} owned by room {room}"
+                    )
+
+    def _on_packet(self, packet: Packet) -> None:
+        message = self._decode(packet)
+        if message is None:
+            return
+        aux: AuxHeader | None = None
+        aux_error = ""
+        if getattr(message, "round", None) == 0 and type(message).__name__ == "Status":
+            try:
+                aux = self.buffers.read_aux(self.endpoint.aux_block(message.room))
+            except LocalProtocolError:
+                pass  # not waiting for round 0: the endpoint drops it as late or duplicate
+            except DecodeError as error:
+                aux_error = str(error)
+        self._run(self.endpoint.receive(message, self.network.now, aux, aux_error=aux_error))
+
+    def _execute(self, action: Action) -> list[Action] | None:
+        if isinstance(action, SendMessage):
+            self.network.send(self.name, SENDER, encode(action.message))
+        elif isinstance(action, CollectRows):
+            assembly = self.assemblies.get(action.room)
+            if assembly is None:
+                assembly = self.assemblies[action.room] = Assembly(action.aux, self.link.settings)
+            runs = slot_runs(action.allocation.extents, action.allocation.block_size, action.num_tokens)
+            assembly.collect(self.buffers, runs, action.sent_tokens)
+            if action.round == 0:
+                self.buffers.clear_aux(action.allocation.extents[0][0])
+        elif isinstance(action, RoomFinished):
+            assembly = self.assemblies.pop(action.room, None)
+            if action.poll == Poll.Success and assembly is not None:
+                self.results[action.room] = assembly.result()
+        return None
+
+
+class LoopbackLink:
+    """A sender and ``receivers`` receiver ranks over one deterministic network."""
+
+    def __init__(self, settings: Settings, receivers: int = 1) -> None:
+        if receivers < 1:
+            raise LocalProtocolError("receivers must be at least 1", field="receivers")
+        self.settings = settings
+        self.network = LoopbackNetwork()
+        self.sender = SenderHandle(self)
+        self.receivers = [ReceiverHandle(self, rank, receivers) for rank in range(receivers)]
+        self.network.attach_writer(SENDER, self._land_or_fail)
+        for receiver in self.receivers:
+            receiver.connect()
+
+    @property
+    def now(self) -> float:
+        return self.network.now
+
+    def _land_or_fail(self, packet: Packet, error: str | None) -> None:
+        if error is None:
+            self.sender.land(packet.write, self.receivers[packet.write.rank])
+        self.sender._on_write_done(packet, error)
+
+    def run_until_idle(self, max_steps: int = 10_000_000) -> int:
+        """Deliver everything in flight, in order, until nothing can progress."""
+        return self.network.run_until_idle(max_steps)
+
+    def advance(self, seconds: float) -> None:
+        """Move the virtual clock; timeouts fire in every endpoint."""
+        self.network.advance(seconds)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (h.endpoint.next_deadline() for h in self._handles()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def free_blocks(self) -> dict[str, Any]:
+        """Free pool blocks per receiver rank, the pool size, and sender sources still held."""
+        return {
+            "receivers": [r.endpoint.allocator.free_blocks for r in self.receivers],
+            "pool_blocks": self.settings.pool_blocks,
+            "sender_sources_held": len(self.sender.sources),
+        }
+
+    def violations(self) -> list[str]:
+        return [v for h in self._handles() for v in h.violations]
+
+    def _handles(self) -> list[_Handle]:
+        return [self.sender, *self.receivers]
+
+
+def connect_loopback(settings: Settings | None = None, receivers: int = 1) -> LoopbackLink:
+    """A loopback link: ``receivers`` is the sender's ``required_dst_info_num``."""
+    return LoopbackLink(settings or Settings(), receivers)

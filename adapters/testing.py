@@ -1,0 +1,218 @@
+"""A hypothesis stateful model of the loopback link, for our tests and for yours.
+
+``LoopbackModel`` drives a real ``LoopbackLink`` (the real core, real buffers) through an
+adversarial network — deliver any message, duplicate, drop, delay, fail writes, advance
+the clock, crash a peer, abort from either side — and checks the ``embxfer.specs``
+invariants after every step.  At teardown it lets time pass every deadline and checks that
+every room ended, every block came back exactly once, and every delivered room's rows are
+exact.
+
+Run it against your own settings::
+
+    from embxfer.adapters.testing import run_model
+    run_model(Settings(block_size=4, default_blocks=2, pool_blocks=3, hidden_size=8), max_examples=200)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, Phase, settings as hyp_settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from embxfer.core import Poll, Settings
+from embxfer.specs import invariants
+from embxfer.specs.tables import FAILED, SUCCESS
+
+from ._loopback import SENDER, LoopbackLink, receiver_name
+from .workload import room_data
+
+DEFAULT_MODEL_SETTINGS = Settings(
+    block_size=4, default_blocks=2, pool_blocks=3, hidden_size=8, dtype="float32",
+    bootstrap_timeout=5.0, waiting_timeout=5.0, transfer_timeout=5.0, quarantine_timeout=7.0,
+)
+
+
+class LoopbackModel(RuleBasedStateMachine):
+    """Subclass and set ``settings``/``receivers``/``faults`` to model another configuration."""
+
+    settings: Settings = DEFAULT_MODEL_SETTINGS
+    receivers: int = 1
+    faults: bool = True
+    max_rooms: int = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.link = LoopbackLink(self.settings, self.receivers)
+        self.data: dict[int, Any] = {}
+        self.unsent: list[int] = []
+        self.next_room = 0
+        self.history: dict[tuple[str, int], list[str]] = {}
+        self.taken: set[tuple[int, int]] = set()
+
+    # -- workload ------------------------------------------------------------------------
+    @rule(length=st.integers(min_value=1, max_value=40), send_now=st.booleans())
+    @precondition(lambda self: self.next_room < self.max_rooms)
+    def open_room(self, length: int, send_now: bool) -> None:
+        room = self.next_room
+        self.next_room += 1
+        self.data[room] = room_data(7, room, self.settings, num_tokens=length)
+        for rx in self._live_receivers():
+            rx.init(room)
+        if send_now:
+            self._send(room)
+        else:
+            self.unsent.append(room)
+
+    @rule(pick=st.integers(min_value=0))
+    @precondition(lambda self: bool(self.unsent))
+    def send_later(self, pick: int) -> None:
+        self._send(self.unsent.pop(pick % len(self.unsent)))
+
+    def _send(self, room: int) -> None:
+        if SENDER not in self.link.network.crashed:
+            self.link.sender.send(room, self.data[room])
+
+    @rule(pick=st.integers(min_value=0), rank=st.integers(min_value=0, max_value=3))
+    @precondition(lambda self: self.next_room > 0)
+    def take_if_done(self, pick: int, rank: int) -> None:
+        room = pick % self.next_room
+        rx = self.link.receivers[rank % self.receivers]
+        if (room, rx.rank) not in self.taken and room in rx.endpoint.rooms:
+            if rx.poll(room) == Poll.Success:
+                received = rx.take(room)
+                self.taken.add((room, rx.rank))
+                assert not invariants.rows_equal(self.data[room], received), f"room {room} rank {rx.rank}"
+
+    # -- the network ---------------------------------------------------------------------
+    @rule(pick=st.integers(min_value=0))
+    @precondition(lambda self: bool(self.link.network.pending))
+    def deliver(self, pick: int) -> None:
+        self.link.network.deliver(pick % len(self.link.network.pending))
+
+    @rule()
+    @precondition(lambda self: any(not p.is_data for p in self.link.network.pending))
+    def deliver_control_first(self) -> None:
+        """The control plane overtakes the data plane: the oldest control message goes first."""
+        pending = self.link.network.pending
+        self.link.network.deliver(next(i for i, p in enumerate(pending) if not p.is_data))
+
+    @rule()
+    def deliver_all(self) -> None:
+        self.link.run_until_idle()
+
+    @rule(pick=st.integers(min_value=0))
+    @precondition(lambda self: self.faults and bool(self.link.network.pending))
+    def drop(self, pick: int) -> None:
+        self.link.network.drop(pick % len(self.link.network.pending))
+
+    @rule(pick=st.integers(min_value=0))
+    @precondition(lambda self: self.faults and any(not p.is_data for p in self.link.network.pending))
+    def duplicate(self, pick: int) -> None:
+        control = [i for i, p in enumerate(self.link.network.pending) if not p.is_data]
+        self.link.network.duplicate(control[pick % len(control)])
+
+    @rule(pick=st.integers(min_value=0))
+    @precondition(lambda self: bool(self.link.network.pending))
+    def delay(self, pick: int) -> None:
+        self.link.network.delay(pick % len(self.link.network.pending))
+
+    @rule(rank=st.integers(min_value=0, max_value=3))
+    @precondition(lambda self: self.faults)
+    def fail_next_write(self, rank: int) -> None:
+        self.link.network.fail_next_write(receiver_name(rank % self.receivers))
+
+    @rule(seconds=st.sampled_from([0.1, 1.0, 2.0, 6.0]))
+    def advance(self, seconds: float) -> None:
+        self.link.advance(seconds)
+
+    @rule(which=st.integers(min_value=-1, max_value=3))
+    @precondition(lambda self: self.faults and not self.link.network.crashed)
+    def crash(self, which: int) -> None:
+        self.link.network.crash(SENDER if which < 0 else receiver_name(which % self.receivers))
+
+    @rule(pick=st.integers(min_value=0), rank=st.integers(min_value=-1, max_value=3))
+    @precondition(lambda self: self.next_room > 0)
+    def abort(self, pick: int, rank: int) -> None:
+        room = pick % self.next_room
+        if rank < 0:
+            if SENDER not in self.link.network.crashed:
+                self.link.sender.abort(room)
+        else:
+            rx = self.link.receivers[rank % self.receivers]
+            if rx.name not in self.link.network.crashed and room in rx.endpoint.rooms:
+                rx.abort(room)
+
+    # -- invariants ----------------------------------------------------------------------
+    @invariant()
+    def slots_never_shared(self) -> None:
+        for rx in self._live_receivers():
+            problems = invariants.no_shared_slots(rx.allocator)
+            assert not problems, problems
+
+    @invariant()
+    def no_write_outside_the_room(self) -> None:
+        assert not self.link.violations(), self.link.violations()
+
+    @invariant()
+    def terminal_is_final(self) -> None:
+        for handle in (self.link.sender, *self.link.receivers):
+            for room, record in handle.endpoint.rooms.items():
+                self.history.setdefault((handle.name, room), []).append(record.state)
+        problems = invariants.terminal_states_final(self.history)
+        assert not problems, problems
+
+    def teardown(self) -> None:
+        link = self.link
+        link.run_until_idle()
+        for _ in range(1000):
+            deadline = link.next_deadline()
+            if deadline is None:
+                break
+            link.advance(max(0.0, deadline - link.now) + 0.01)
+            link.run_until_idle()
+        else:
+            raise AssertionError("deadlines kept coming: something never ends")
+        states = []
+        for handle in (link.sender, *link.receivers):
+            if handle.name in link.network.crashed:
+                continue
+            states.extend((f"{handle.name}:{room}", r.state) for room, r in handle.endpoint.rooms.items())
+        problems = invariants.all_terminal(states)
+        assert not problems, problems
+        for rx in self._live_receivers():
+            for room, record in list(rx.endpoint.rooms.items()):
+                if record.state == SUCCESS and (room, rx.rank) not in self.taken:
+                    problems = invariants.rows_equal(self.data[room], rx.take(room))
+                    assert not problems, problems
+                else:
+                    assert record.state in (SUCCESS, FAILED)
+            problems = invariants.all_freed_once(rx.allocator) + invariants.no_shared_slots(rx.allocator)
+            assert not problems, problems
+            assert rx.endpoint.quarantined_blocks == 0
+        if SENDER not in link.network.crashed:
+            assert not link.sender.sources, f"sources still held: {sorted(link.sender.sources)}"
+
+    def _live_receivers(self) -> list[Any]:
+        return [rx for rx in self.link.receivers if rx.name not in self.link.network.crashed]
+
+
+def run_model(
+    settings: Settings | None = None, *, receivers: int = 1, faults: bool = True,
+    max_examples: int = 100, stateful_step_count: int = 40, database: Any = "default",
+    derandomize: bool = False, shrink: bool = True,
+) -> None:
+    """Run the stateful model against ``settings``; raises on the first violation found."""
+    model = type(
+        "CustomLoopbackModel", (LoopbackModel,),
+        {"settings": settings or DEFAULT_MODEL_SETTINGS, "receivers": receivers, "faults": faults},
+    )
+    model.TestCase.settings = hyp_settings(
+        max_examples=max_examples, stateful_step_count=stateful_step_count, deadline=None,
+        derandomize=derandomize,
+        phases=list(Phase) if shrink else [p for p in Phase if p != Phase.shrink],
+        **({} if database == "default" else {"database": database}),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    model.TestCase().runTest()

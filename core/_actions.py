@@ -1,0 +1,77 @@
+"""What the core asks its I/O layer to do.  Executed in order, exactly as returned."""
+
+from __future__ import annotations
+
+import enum
+from typing import Union
+
+import attrs
+
+from embxfer.specs.tables import POLL_VALUES
+
+from ._allocator import Allocation
+from ._messages import AuxHeader, Message
+
+Poll = enum.IntEnum("Poll", POLL_VALUES)  # type: ignore[misc]
+Poll.__doc__ = "Room status; the integers equal SGLang's KVPoll (Failed=0 ... Success=4)."
+
+
+@attrs.frozen
+class SendMessage:
+    """Send ``message`` to ``rank`` (sender side) or to the sender (receiver side: rank None)."""
+
+    message: Message
+    rank: int | None = None
+
+
+@attrs.frozen
+class WriteRows:
+    """Sender: write source rows ``sent_tokens .. sent_tokens+num_tokens`` of ``room`` to ``rank``.
+
+    ``runs`` are coalesced ``(first_slot, token_offset, length)``: source token
+    ``sent_tokens + token_offset + i`` goes to destination slot ``first_slot + i``.  Round 0
+    also carries the aux header, for the aux record of destination block ``aux_block``.
+    Report completion with ``Sender.write_done``.
+    """
+
+    room: int
+    rank: int
+    round: int
+    sent_tokens: int
+    num_tokens: int
+    runs: tuple[tuple[int, int, int], ...]
+    aux: AuxHeader | None = None
+    aux_block: int | None = None
+
+
+@attrs.frozen
+class ReleaseSource:
+    """Sender: the room will never be written again; its source rows may go."""
+
+    room: int
+
+
+@attrs.frozen
+class CollectRows:
+    """Receiver: move ``num_tokens`` rows of ``allocation`` out of the pool into the room's
+    assembly at token offset ``sent_tokens`` (``total_tokens`` rows in all).  The core frees
+    the allocation right after this action; execute it before any later action."""
+
+    room: int
+    round: int
+    allocation: Allocation
+    sent_tokens: int
+    num_tokens: int
+    aux: AuxHeader
+
+
+@attrs.frozen
+class RoomFinished:
+    """A room reached a terminal state (``Poll.Success`` or ``Poll.Failed`` with a reason)."""
+
+    room: int
+    poll: int
+    reason: str = ""
+
+
+Action = Union[SendMessage, WriteRows, ReleaseSource, CollectRows, RoomFinished]

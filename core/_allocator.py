@@ -1,0 +1,210 @@
+"""Block allocator for a pool of ``pool_blocks`` blocks of ``block_size`` token slots.
+
+Free space is kept as sorted, coalesced extents ``(start_block, block_count)``.  An
+allocation is a tuple of extents (non-contiguous when it must be) and token ``i`` of it
+maps to exactly one slot: tokens fill the extents in order.  This replaces the historical
+``min(block_indices) * block_size`` start offset, which made non-contiguous requests
+overwrite each other.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Hashable, Iterator
+
+import attrs
+
+from ._errors import AllocatorError
+from ._settings import Settings
+
+Extent = tuple[int, int]  # (start_block, block_count)
+
+_allocator_ids = itertools.count(1)
+
+
+@attrs.frozen(eq=False)
+class Allocation:
+    """Blocks owned by one room for one round.  Compared by identity: each is unique."""
+
+    id: int
+    allocator_id: int
+    extents: tuple[Extent, ...]
+    block_size: int
+    owner: Hashable = None
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(count for _, count in self.extents)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def blocks(self) -> Iterator[int]:
+        for start, count in self.extents:
+            yield from range(start, start + count)
+
+    def slot_of(self, token: int) -> int:
+        """The pool slot of token ``token`` of this allocation."""
+        if not 0 <= token < self.capacity_tokens:
+            raise AllocatorError(f"token {token} outside allocation of {self.capacity_tokens} slots", field="token")
+        block_index, offset = divmod(token, self.block_size)
+        for start, count in self.extents:
+            if block_index < count:
+                return (start + block_index) * self.block_size + offset
+            block_index -= count
+        raise AssertionError("unreachable: capacity checked above")
+
+
+def slot_runs(extents: tuple[Extent, ...] | list[Extent], block_size: int, num_tokens: int) -> list[tuple[int, int, int]]:
+    """Coalesced runs ``(first_slot, token_offset, length)`` covering tokens ``0..num_tokens``.
+
+    Token ``t`` of the allocation lands in slot ``first_slot + (t - token_offset)`` of the
+    run that contains it.  One run per extent (extents are already coalesced), so a round
+    is written as one copy per extent, not one per block or token.
+    """
+    runs: list[tuple[int, int, int]] = []
+    token = 0
+    for start, count in extents:
+        if token >= num_tokens:
+            break
+        length = min(count * block_size, num_tokens - token)
+        runs.append((start * block_size, token, length))
+        token += length
+    if token < num_tokens:
+        raise AllocatorError(f"{num_tokens} tokens do not fit in {token} slots", field="num_tokens")
+    return runs
+
+
+class Allocator:
+    """Hands out and takes back blocks; never shares a slot between two live allocations."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.block_size = settings.block_size
+        self.pool_blocks = settings.pool_blocks
+        self.default_blocks = settings.default_blocks
+        self.id = next(_allocator_ids)
+        self._serial = itertools.count(1)
+        self._free: list[Extent] = [(0, self.pool_blocks)]
+        self._free_count = self.pool_blocks
+        self._live: dict[int, Allocation] = {}
+        # who owns each block: catches a write into a slot the room does not own
+        self._block_owner: list[int | None] = [None] * self.pool_blocks
+        self.allocations_made = 0
+        self.allocations_freed = 0
+
+    # -- queries -----------------------------------------------------------------------
+    @property
+    def free_blocks(self) -> int:
+        return self._free_count
+
+    @property
+    def live(self) -> tuple[Allocation, ...]:
+        return tuple(self._live.values())
+
+    def free_extents(self) -> tuple[Extent, ...]:
+        return tuple(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def owner_of_block(self, block: int) -> int | None:
+        """The id of the live allocation holding ``block``, or None when it is free."""
+        return self._block_owner[block]
+
+    def owner_room(self, allocation_id: int) -> Hashable:
+        """The owner tag (the room) of a live allocation."""
+        allocation = self._live.get(allocation_id)
+        return allocation.owner if allocation is not None else None
+
+    def owns_slots(self, allocation_id: int, first_slot: int, length: int) -> bool:
+        """True when every slot of the run belongs to the live allocation ``allocation_id``."""
+        if length <= 0 or first_slot < 0 or first_slot + length > self.pool_blocks * self.block_size:
+            return False
+        first_block = first_slot // self.block_size
+        last_block = (first_slot + length - 1) // self.block_size
+        return all(self._block_owner[b] == allocation_id for b in range(first_block, last_block + 1))
+
+    # -- allocation --------------------------------------------------------------------
+    def alloc_default(self, owner: Hashable = None) -> Allocation | None:
+        return self._take(self.default_blocks, owner)
+
+    def alloc(self, num_tokens: int, owner: Hashable = None) -> Allocation | None:
+        """``ceil(num_tokens / block_size)`` blocks, or None when the pool cannot give them all."""
+        if num_tokens <= 0:
+            raise AllocatorError(f"num_tokens must be positive, got {num_tokens}", field="num_tokens")
+        return self._take(self.blocks_for(num_tokens), owner)
+
+    def alloc_up_to(self, num_tokens: int, owner: Hashable = None) -> Allocation | None:
+        """As many blocks as are free now, up to what ``num_tokens`` needs; None when none are."""
+        if num_tokens <= 0:
+            raise AllocatorError(f"num_tokens must be positive, got {num_tokens}", field="num_tokens")
+        wanted = min(self.blocks_for(num_tokens), self._free_count)
+        return self._take(wanted, owner) if wanted else None
+
+    def _take(self, num_blocks: int, owner: Hashable) -> Allocation | None:
+        if num_blocks > self._free_count:
+            return None
+        free = self._free
+        # first fit in one piece keeps a round to one coalesced write when possible
+        for index, (start, count) in enumerate(free):
+            if count >= num_blocks:
+                if count == num_blocks:
+                    del free[index]
+                else:
+                    free[index] = (start + num_blocks, count - num_blocks)
+                extents: tuple[Extent, ...] = ((start, num_blocks),)
+                break
+        else:
+            # no single run fits: take whole runs, lowest address first
+            taken: list[Extent] = []
+            needed = num_blocks
+            while needed:
+                start, count = free[0]
+                if count <= needed:
+                    del free[0]
+                    taken.append((start, count))
+                    needed -= count
+                else:
+                    free[0] = (start + needed, count - needed)
+                    taken.append((start, needed))
+                    needed = 0
+            extents = tuple(taken)
+        self._free_count -= num_blocks
+        allocation = Allocation(next(self._serial), self.id, extents, self.block_size, owner)
+        for block in allocation.blocks():
+            if self._block_owner[block] is not None:
+                raise AssertionError(f"block {block} handed out twice")
+            self._block_owner[block] = allocation.id
+        self._live[allocation.id] = allocation
+        self.allocations_made += 1
+        return allocation
+
+    def free(self, allocation: Allocation) -> None:
+        """Return the blocks.  A second free, or an allocation from elsewhere, raises."""
+        if allocation.allocator_id != self.id:
+            raise AllocatorError(f"allocation {allocation.id} belongs to another allocator", field="allocation")
+        if self._live.get(allocation.id) is not allocation:
+            raise AllocatorError(f"allocation {allocation.id} is not live: freed twice", field="allocation")
+        del self._live[allocation.id]
+        for block in allocation.blocks():
+            self._block_owner[block] = None
+        for extent in allocation.extents:
+            self._insert_free(extent)
+        self._free_count += allocation.num_blocks
+        self.allocations_freed += 1
+
+    def _insert_free(self, extent: Extent) -> None:
+        free = self._free
+        start, count = extent
+        index = bisect.bisect_left(free, extent)
+        # merge with the run before and the run after when they touch
+        if index > 0 and free[index - 1][0] + free[index - 1][1] == start:
+            index -= 1
+            start, count = free[index][0], free[index][1] + count
+            del free[index]
+        if index < len(free) and start + count == free[index][0]:
+            count += free[index][1]
+            del free[index]
+        free.insert(index, (start, count))

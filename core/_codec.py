@@ -1,0 +1,115 @@
+"""Native codec: tagged, versioned multipart frames, driven by ``specs.schemas``.
+
+``encode(message) -> list[bytes]`` and ``decode(frames) -> Message``.  Decoding checks
+every frame's count and length, every field's kind and range and the cross-field rules of
+the message classes; anything wrong raises ``DecodeError`` naming the field — never
+another exception type.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from embxfer.specs.schemas import MAGIC, MAX_EXTENTS, MAX_STR_BYTES, MESSAGE_SCHEMAS, VERSION
+
+from ._errors import BlockSizeMismatch, DecodeError
+from ._messages import MESSAGE_TYPES, InvalidField, Message
+
+_FIXED_CODES = {"u32": "I", "u64": "Q", "i64": "q"}
+_HEADER = struct.Struct(">4sBB")
+_EXTENT = struct.Struct(">II")
+
+
+class _Layout:
+    __slots__ = ("name", "cls", "tag", "fields", "fixed", "fixed_names", "str_names", "extent_names", "frames")
+
+    def __init__(self, name: str, tag: int, fields: tuple[tuple[str, str], ...]) -> None:
+        self.name = name
+        self.cls = MESSAGE_TYPES[name]
+        self.tag = tag
+        self.fields = fields
+        self.fixed_names = tuple(f for f, kind in fields if kind in _FIXED_CODES)
+        self.fixed = struct.Struct(">" + "".join(_FIXED_CODES[kind] for _, kind in fields if kind in _FIXED_CODES))
+        self.str_names = tuple(f for f, kind in fields if kind == "str")
+        self.extent_names = tuple(f for f, kind in fields if kind == "extents")
+        self.frames = 2 + len(self.str_names) + len(self.extent_names)
+
+
+_BY_NAME = {name: _Layout(name, tag, fields) for name, (tag, fields) in MESSAGE_SCHEMAS.items()}
+_BY_TAG = {layout.tag: layout for layout in _BY_NAME.values()}
+
+
+def encode(message: Message) -> list[bytes]:
+    layout = _BY_NAME[type(message).__name__]
+    frames = [_HEADER.pack(MAGIC, VERSION, layout.tag)]
+    frames.append(layout.fixed.pack(*(getattr(message, name) for name in layout.fixed_names)))
+    for name in layout.str_names:
+        frames.append(getattr(message, name).encode("utf-8"))
+    for name in layout.extent_names:
+        frames.append(b"".join(_EXTENT.pack(start, count) for start, count in getattr(message, name)))
+    return frames
+
+
+def decode(frames: Sequence[Any], *, block_size: int | None = None) -> Message:
+    """Decode one multipart message; ``block_size`` (ours) is checked against an Init's."""
+    if not isinstance(frames, (list, tuple)):
+        raise DecodeError("frames", f"expected a list of frames, got {type(frames).__name__}")
+    if not frames:
+        raise DecodeError("header", "no frames")
+    header = _as_bytes(frames[0], "header")
+    if len(header) != _HEADER.size:
+        raise DecodeError("header", f"expected {_HEADER.size} bytes, got {len(header)}")
+    magic, version, tag = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise DecodeError("header.magic", f"not an embxfer frame ({magic!r})")
+    if version != VERSION:
+        raise DecodeError("header.version", f"unsupported protocol version {version}")
+    layout = _BY_TAG.get(tag)
+    if layout is None:
+        raise DecodeError("header.tag", f"unknown message tag {tag}")
+    if len(frames) != layout.frames:
+        raise DecodeError(f"{layout.name}.frames", f"expected {layout.frames} frames, got {len(frames)}")
+    fixed = _as_bytes(frames[1], f"{layout.name}.fixed")
+    if len(fixed) != layout.fixed.size:
+        raise DecodeError(f"{layout.name}.fixed", f"expected {layout.fixed.size} bytes, got {len(fixed)}")
+    values: dict[str, Any] = dict(zip(layout.fixed_names, layout.fixed.unpack(fixed)))
+    index = 2
+    for name in layout.str_names:
+        raw = _as_bytes(frames[index], f"{layout.name}.{name}")
+        index += 1
+        if len(raw) > MAX_STR_BYTES:
+            raise DecodeError(f"{layout.name}.{name}", f"longer than {MAX_STR_BYTES} bytes")
+        try:
+            values[name] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError(f"{layout.name}.{name}", "not valid UTF-8") from None
+    for name in layout.extent_names:
+        raw = _as_bytes(frames[index], f"{layout.name}.{name}")
+        index += 1
+        if len(raw) % _EXTENT.size or not raw:
+            raise DecodeError(f"{layout.name}.{name}", f"length {len(raw)} is not a positive multiple of {_EXTENT.size}")
+        if len(raw) // _EXTENT.size > MAX_EXTENTS:
+            raise DecodeError(f"{layout.name}.{name}", f"more than {MAX_EXTENTS} extents")
+        values[name] = tuple(_EXTENT.iter_unpack(raw))
+    if block_size is not None and "block_size" in values and values["block_size"] != block_size:
+        raise BlockSizeMismatch(
+            f"{layout.name}.block_size", f"peer uses {values['block_size']} tokens a block, we use {block_size}"
+        )
+    try:
+        return layout.cls(**values)  # type: ignore[no-any-return]
+    except InvalidField as error:
+        raise DecodeError(f"{layout.name}.{error.field}", error.problem) from None
+
+
+def _as_bytes(frame: Any, field: str) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    if isinstance(frame, (bytearray, memoryview)):
+        return bytes(frame)
+    # zmq.Frame and friends expose .bytes; anything else is the wrong type
+    raw = getattr(frame, "bytes", None)
+    if isinstance(raw, bytes):
+        return raw
+    raise DecodeError(field, f"expected bytes, got {type(frame).__name__}")

@@ -1,0 +1,356 @@
+"""Receiver (language side) endpoint: the rooms of one language rank and its block pool.
+
+Pool rules that make any pool of >= 1 block deadlock-free (PROTOCOL.md, Rounds):
+* rows leave the pool when their round completes (``CollectRows``) and the round's blocks
+  are freed before the next round's are asked for, so a room waiting for blocks holds none;
+* ``init`` never fails for lack of blocks: the room waits, first come first served;
+* resume rounds take ``alloc_up_to(remaining)``: whatever is free, at least one block.
+Blocks of a room that failed while the sender might still write them are quarantined until
+the sender acknowledges, or the quarantine timeout passes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+from typing import Any
+
+import attrs
+
+from embxfer.specs.tables import BOOTSTRAPPING, FAILED, TERMINAL_STATES, TRANSFERRING
+
+from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage
+from ._allocator import Allocation, Allocator
+from ._errors import IllegalTransition, LocalProtocolError
+from ._machine import machine_for
+from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Resume, Status
+from ._settings import Settings
+from ._timers import Deadlines
+
+RETIRED_MEMORY = 1 << 16
+
+
+@attrs.define(slots=True)
+class _ReceiverRoom:
+    room: int
+    state: str
+    deadline: float
+    round: int = 0
+    sent_tokens: int = 0
+    aux: AuxHeader | None = None
+    allocation: Allocation | None = None  # the current round's blocks, while they hold our slots
+    requested: bool = False  # the current allocation was told to the sender
+    told_sender: bool = False  # the sender knows this room (an init went out)
+    reason: str = ""
+    rounds: int = 0
+
+    @property
+    def total_tokens(self) -> int | None:
+        return self.aux.total_tokens if self.aux is not None else None
+
+
+class Receiver:
+    role = "receiver"
+
+    def __init__(self, settings: Settings, *, rank: int = 0, required_dst_info_num: int = 1, incarnation: int = 1) -> None:
+        if not 0 <= rank < required_dst_info_num:
+            raise LocalProtocolError(f"rank {rank} is not below required_dst_info_num {required_dst_info_num}", field="rank")
+        self.settings = settings
+        self.rank = rank
+        self.required_dst_info_num = required_dst_info_num
+        self.incarnation = incarnation
+        self.allocator = Allocator(settings)
+        self.rooms: dict[int, _ReceiverRoom] = {}
+        self.stats: Counter[str] = Counter()
+        self.peer_ready = False
+        self._machine = machine_for("receiver")
+        self._deadlines = Deadlines()
+        self._waiting_init: deque[int] = deque()  # FCFS for default allocations
+        self._waiting_resume: deque[int] = deque()  # rooms between rounds, holding no blocks
+        self._quarantine: dict[int, Allocation] = {}
+        self._quarantine_deadlines = Deadlines()
+        self._retired: OrderedDict[int, None] = OrderedDict()
+
+    # -- queries -----------------------------------------------------------------------
+    def poll(self, room: int) -> Poll:
+        record = self.rooms.get(room)
+        if record is None:
+            raise LocalProtocolError(f"unknown room {room}", field="room")
+        return Poll[record.state]
+
+    def failure(self, room: int) -> str:
+        record = self.rooms.get(room)
+        return record.reason if record is not None else ""
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self._deadlines.next_deadline(), self._quarantine_deadlines.next_deadline()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    @property
+    def quarantined_blocks(self) -> int:
+        return sum(a.num_blocks for a in self._quarantine.values())
+
+    def register_message(self, endpoint: str = "", session_id: str = "") -> Register:
+        s = self.settings
+        return Register(self.rank, self.required_dst_info_num, self.incarnation, s.block_size, s.hidden_size, s.dtype, endpoint, session_id)
+
+    def aux_block(self, room: int) -> int:
+        """The block whose aux record holds ``room``'s header (the round-0 allocation's first)."""
+        record = self.rooms.get(room)
+        if record is None or record.allocation is None or record.round != 0:
+            raise LocalProtocolError(f"room {room} is not waiting for round 0", field="room")
+        return record.allocation.extents[0][0]
+
+    # -- inputs ------------------------------------------------------------------------
+    def peer_connected(self, now: float) -> list[Action]:
+        """The sender is resolved (bootstrap done): rooms may send their inits."""
+        self.peer_ready = True
+        actions: list[Action] = []
+        self._serve_waiting(now, actions)
+        return actions
+
+    def init(self, room: int, now: float) -> list[Action]:
+        """Start receiving ``room``: allocate the default guess (or wait for it) and send init."""
+        if room in self.rooms or room in self._retired:
+            raise LocalProtocolError(f"room {room} was already initialised", field="room")
+        record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout)
+        self.rooms[room] = record
+        self._deadlines.set(room, record.deadline)
+        self._waiting_init.append(room)
+        actions: list[Action] = []
+        self._serve_waiting(now, actions)
+        return actions
+
+    def abort(self, room: int, now: float, reason: str = "aborted by receiver") -> list[Action]:
+        record = self.rooms.get(room)
+        if record is None or record.state in TERMINAL_STATES:
+            return []
+        actions: list[Action] = []
+        self._fail(record, "abort", reason, now, actions)
+        return actions
+
+    def receive(self, message: Message, now: float, aux: AuxHeader | None = None, *, aux_error: str = "") -> list[Action]:
+        """A control message from the sender.  For round 0's ``Status`` pass the aux header
+        read from the aux record of ``aux_block(room)`` (or why it could not be read)."""
+        if isinstance(message, Status):
+            return self._on_status(message, now, aux, aux_error)
+        if isinstance(message, Abort):
+            return self._on_abort(message, now)
+        if isinstance(message, AbortAck):
+            return self._on_abort_ack(message, now)
+        if isinstance(message, Heartbeat):
+            self.stats["heartbeats_received"] += 1
+            return []
+        self.stats["stray_dropped"] += 1
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+
+        def expire(room: Any) -> None:
+            record = self.rooms.get(room)
+            if record is not None and record.state not in TERMINAL_STATES:
+                self._fail(record, "timeout", f"timeout in state {record.state}", now, actions)
+
+        self._deadlines.pop_expired(now, expire)
+
+        def release(room: Any) -> None:
+            allocation = self._quarantine.pop(room, None)
+            if allocation is not None:
+                self.stats["quarantine_expired"] += 1
+                self._free(allocation)
+
+        self._quarantine_deadlines.pop_expired(now, release)
+        self._serve_waiting(now, actions)
+        return actions
+
+    def forget(self, room: int) -> None:
+        """Drop a finished room's record; its id is remembered to drop late messages."""
+        record = self.rooms.get(room)
+        if record is None:
+            return
+        if record.state not in TERMINAL_STATES:
+            raise LocalProtocolError(f"room {room} is still {record.state}", field="room")
+        del self.rooms[room]
+        self._retired[room] = None
+        if len(self._retired) > RETIRED_MEMORY:
+            self._retired.popitem(last=False)
+
+    # -- message handlers --------------------------------------------------------------
+    def _on_status(self, message: Status, now: float, aux: AuxHeader | None, aux_error: str) -> list[Action]:
+        actions: list[Action] = []
+        record = self.rooms.get(message.room)
+        if record is None or record.state in TERMINAL_STATES:
+            known = record is not None or message.room in self._retired
+            self.stats["late_dropped" if known else "stray_dropped"] += 1
+            return actions
+        allocation = record.allocation
+        if message.rank != self.rank:
+            self._fail(record, "fail", f"status for rank {message.rank} reached rank {self.rank}", now, actions)
+            return actions
+        if message.round < record.round or (message.round == record.round and not record.requested):
+            self.stats["duplicate_dropped"] += 1
+            return actions
+        if message.round != record.round or message.sent_tokens != record.sent_tokens or allocation is None:
+            self._fail(
+                record, "fail",
+                f"unexpected status round {message.round} at token {message.sent_tokens}"
+                f" (expected round {record.round} at token {record.sent_tokens})",
+                now, actions,
+            )
+            return actions
+        if message.round == 0:
+            problem = f"unreadable aux header: {aux_error}" if aux_error else self._check_aux(record.room, aux)
+            if problem:
+                self._fail(record, "fail", problem, now, actions)
+                return actions
+            record.aux = aux
+        assert record.aux is not None
+        expected = min(record.aux.total_tokens - record.sent_tokens, allocation.capacity_tokens)
+        if message.written_tokens != expected:
+            self._fail(
+                record, "fail",
+                f"round {message.round} wrote {message.written_tokens} tokens, expected {expected}", now, actions,
+            )
+            return actions
+        # rows leave the pool before the blocks go back, and before anything reuses them
+        actions.append(CollectRows(record.room, record.round, allocation, record.sent_tokens, expected, record.aux))
+        record.allocation = None
+        record.requested = False
+        self._free(allocation)
+        record.sent_tokens += expected
+        record.rounds += 1
+        self.stats["rows_received"] += expected
+        if record.sent_tokens == record.aux.total_tokens:
+            if self._step(record, "round_complete", now, actions):
+                self.stats["rooms_succeeded"] += 1
+                self.stats[f"resume_rounds:{record.rounds - 1}"] += 1
+                actions.append(RoomFinished(record.room, Poll.Success))
+        elif self._step(record, "round_partial", now, actions):
+            record.round += 1
+            self._waiting_resume.append(record.room)
+        self._serve_waiting(now, actions)
+        return actions
+
+    def _check_aux(self, room: int, aux: AuxHeader | None) -> str:
+        if aux is None:
+            return "round 0 arrived without its aux header"
+        if aux.room != room:
+            return f"aux header belongs to room {aux.room}, not {room}"
+        if aux.hidden_size != self.settings.hidden_size:
+            return f"hidden_size mismatch: sender {aux.hidden_size}, receiver {self.settings.hidden_size}"
+        if aux.dtype != self.settings.dtype:
+            return f"dtype mismatch: sender {aux.dtype}, receiver {self.settings.dtype}"
+        return ""
+
+    def _on_abort(self, message: Abort, now: float) -> list[Action]:
+        actions: list[Action] = []
+        record = self.rooms.get(message.room)
+        if record is not None and record.state not in TERMINAL_STATES:
+            # the sender aborts only once none of its writes to us is in flight
+            self._fail(record, "abort", f"aborted by sender: {message.reason}", now, actions, sender_quiet=True)
+        else:
+            self._release_quarantine(message.room)
+            self.stats["late_dropped" if record is not None else "stray_dropped"] += 1
+        actions.append(SendMessage(AbortAck(message.room, self.rank)))
+        self._serve_waiting(now, actions)
+        return actions
+
+    def _on_abort_ack(self, message: AbortAck, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self._release_quarantine(message.room):
+            self.stats["quarantine_released"] += 1
+            self._serve_waiting(now, actions)
+        else:
+            self.stats["stray_dropped"] += 1
+        return actions
+
+    # -- helpers -----------------------------------------------------------------------
+    def _serve_waiting(self, now: float, actions: list[Action]) -> None:
+        """Hand free blocks to waiting rooms: rooms between rounds first, then inits FCFS."""
+        if not self.peer_ready:
+            return
+        allocator = self.allocator
+        while self._waiting_resume and allocator.free_blocks:
+            record = self.rooms.get(self._waiting_resume.popleft())
+            if record is None or record.state != TRANSFERRING:
+                continue
+            assert record.aux is not None
+            remaining = record.aux.total_tokens - record.sent_tokens
+            allocation = allocator.alloc_up_to(remaining, owner=record.room)
+            assert allocation is not None
+            record.allocation = allocation
+            record.requested = True
+            actions.append(SendMessage(Resume(
+                record.room, self.rank, record.round, record.sent_tokens,
+                min(allocation.capacity_tokens, remaining), allocation.extents,
+            )))
+            self._step(record, "resume_sent", now, actions)
+        while self._waiting_init:
+            record = self.rooms.get(self._waiting_init[0])
+            if record is None or record.state != BOOTSTRAPPING:
+                self._waiting_init.popleft()
+                continue
+            allocation = allocator.alloc_default(owner=record.room)
+            if allocation is None:
+                return  # first come, first served: nobody overtakes the head
+            self._waiting_init.popleft()
+            record.allocation = allocation
+            record.requested = True
+            record.told_sender = True
+            actions.append(SendMessage(Init(
+                record.room, self.rank, self.required_dst_info_num, self.settings.block_size,
+                allocation.capacity_tokens, allocation.extents,
+            )))
+            self._step(record, "init_sent", now, actions)
+
+    def _step(self, record: _ReceiverRoom, trigger: str, now: float, actions: list[Action]) -> bool:
+        try:
+            state = self._machine.fire(record.state, trigger)
+        except IllegalTransition as error:
+            if record.state in TERMINAL_STATES:
+                raise
+            self._fail(record, "fail", str(error), now, actions)
+            return False
+        record.state = state
+        if state in TERMINAL_STATES:
+            self._deadlines.clear(record.room)
+        else:
+            record.deadline = now + self.settings.timeout_for(state)
+            self._deadlines.set(record.room, record.deadline)
+        return True
+
+    def _fail(
+        self, record: _ReceiverRoom, trigger: str, reason: str, now: float, actions: list[Action],
+        *, sender_quiet: bool = False,
+    ) -> None:
+        record.state = self._machine.fire(record.state, trigger)
+        assert record.state == FAILED
+        record.reason = reason
+        self._deadlines.clear(record.room)
+        self.stats["rooms_failed"] += 1
+        self.stats[f"failed:{trigger}"] += 1
+        allocation = record.allocation
+        record.allocation = None
+        if allocation is not None:
+            if record.requested and not sender_quiet:
+                # the sender may still write these slots: hold them until it acknowledges
+                self._quarantine[record.room] = allocation
+                self._quarantine_deadlines.set(record.room, now + self.settings.quarantine_timeout)
+                self.stats["blocks_quarantined"] += allocation.num_blocks
+            else:
+                self._free(allocation)
+        if record.told_sender and not sender_quiet:
+            actions.append(SendMessage(Abort(record.room, self.rank, reason[:512])))
+        actions.append(RoomFinished(record.room, Poll.Failed, reason))
+        self._serve_waiting(now, actions)
+
+    def _release_quarantine(self, room: int) -> bool:
+        allocation = self._quarantine.pop(room, None)
+        if allocation is None:
+            return False
+        self._quarantine_deadlines.clear(room)
+        self._free(allocation)
+        return True
+
+    def _free(self, allocation: Allocation) -> None:
+        self.allocator.free(allocation)

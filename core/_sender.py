@@ -1,0 +1,409 @@
+"""Sender (encode side) endpoint: every room of one encode rank, sans-I/O.
+
+Inputs are method calls carrying ``now``; outputs are lists of actions.  The sender never
+writes a destination after it has acknowledged that destination's abort, and it defers an
+abort or ack to a destination until that destination's in-flight write has completed, so
+the receiver may reuse the blocks the moment it hears from us.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Any
+
+import attrs
+
+from embxfer.specs.tables import FAILED, SUCCESS, TERMINAL_STATES, TRANSFERRING, WAITING_FOR_INPUT
+
+from ._actions import Action, Poll, ReleaseSource, RoomFinished, SendMessage, WriteRows
+from ._allocator import slot_runs
+from ._errors import IllegalTransition, LocalProtocolError, RoomFailedError
+from ._machine import machine_for
+from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, Register, Resume, Status, check_capacity
+from ._settings import Settings
+from ._timers import Deadlines
+
+RETIRED_MEMORY = 1 << 16  # finished room ids remembered to classify late messages
+
+
+@attrs.define(slots=True)
+class _Destination:
+    rank: int
+    block_size: int
+    round: int = 0
+    sent_tokens: int = 0  # tokens this destination has, written and confirmed
+    request: Init | Resume | None = None  # the allocation waiting to be written
+    writing: bool = False
+    done: bool = False
+    owes_ack: bool = False  # its abort arrived while a write was in flight
+    owes_abort: str | None = None  # our abort, held back until its write completes
+
+
+@attrs.define(slots=True)
+class _SenderRoom:
+    room: int
+    state: str
+    deadline: float
+    required: int | None = None
+    destinations: dict[int, _Destination] = attrs.field(factory=dict)
+    aux: AuxHeader | None = None
+    reason: str = ""
+    rounds_written: int = 0
+    forget_requested: bool = False
+    source_held: bool = True  # the I/O layer still holds the rows (released once, never early)
+
+
+class Sender:
+    role = "sender"
+
+    def __init__(self, settings: Settings, *, incarnation: int = 1) -> None:
+        self.settings = settings
+        self.incarnation = incarnation
+        self.rooms: dict[int, _SenderRoom] = {}
+        self.peers: dict[int, Register] = {}
+        self.rejected_peers: dict[int, str] = {}
+        self.stats: Counter[str] = Counter()
+        self._machine = machine_for("sender")
+        self._deadlines = Deadlines()
+        self._retired: OrderedDict[int, None] = OrderedDict()
+
+    # -- queries -----------------------------------------------------------------------
+    def poll(self, room: int) -> Poll:
+        record = self.rooms.get(room)
+        if record is None:
+            raise LocalProtocolError(f"unknown room {room}", field="room")
+        return Poll[record.state]
+
+    def failure(self, room: int) -> str:
+        record = self.rooms.get(room)
+        return record.reason if record is not None else ""
+
+    def next_deadline(self) -> float | None:
+        return self._deadlines.next_deadline()
+
+    def busy_rooms(self) -> int:
+        return sum(1 for r in self.rooms.values() if r.state not in TERMINAL_STATES)
+
+    # -- inputs ------------------------------------------------------------------------
+    def send(self, room: int, total_tokens: int, mrope_position_delta: int, now: float) -> list[Action]:
+        """The embedding of ``room`` is ready: ``total_tokens`` rows (the I/O layer holds them)."""
+        try:
+            aux = AuxHeader(room, total_tokens, mrope_position_delta, self.settings.hidden_size, self.settings.dtype)
+        except InvalidField as error:
+            raise LocalProtocolError(f"send: {error}", field=error.field) from None
+        record = self.rooms.get(room)
+        if record is None and room in self._retired or record is not None and record.state == FAILED:
+            # the room failed (timeout, abort) before its embedding was ready: a race, not misuse
+            self.stats["late_send_dropped"] += 1
+            return [ReleaseSource(room)]
+        if record is None:
+            record = self._open(room, now)
+        if record.state == SUCCESS:
+            raise LocalProtocolError(f"room {room} already succeeded", field="room")
+        if record.aux is not None:
+            actions: list[Action] = []
+            self._fail(record, "fail", f"illegal trigger 'data_ready' twice (state {record.state})", now, actions)
+            raise RoomFailedError(actions, f"room {room}: send called twice; the room is now Failed")
+        actions = []
+        if not self._step(record, "data_ready", now, actions):
+            return actions
+        record.aux = aux
+        if record.state == WAITING_FOR_INPUT:
+            self._write_round_zero(record, actions)
+        return actions
+
+    def abort(self, room: int, now: float, reason: str = "aborted by sender") -> list[Action]:
+        record = self.rooms.get(room)
+        if record is None or record.state in TERMINAL_STATES:
+            return []
+        actions: list[Action] = []
+        self._fail(record, "abort", reason, now, actions)
+        return actions
+
+    def receive(self, message: Message, now: float) -> list[Action]:
+        """A control message from a receiver rank."""
+        if isinstance(message, Init):
+            return self._on_init(message, now)
+        if isinstance(message, Resume):
+            return self._on_resume(message, now)
+        if isinstance(message, Abort):
+            return self._on_abort(message, now)
+        if isinstance(message, AbortAck):
+            self.stats["abort_acks_received"] += 1
+            return []
+        if isinstance(message, Register):
+            return self._on_register(message)
+        if isinstance(message, Heartbeat):
+            self.stats["heartbeats_received"] += 1
+            return []
+        self.stats["stray_dropped"] += 1
+        return []
+
+    def write_done(self, room: int, rank: int, round: int, now: float, error: str | None = None) -> list[Action]:
+        """The data plane finished the write of ``round`` to ``rank``; ``error`` when it failed."""
+        record = self.rooms.get(room)
+        dest = record.destinations.get(rank) if record is not None else None
+        if record is None or dest is None or not dest.writing or dest.round != round:
+            self.stats["stray_dropped"] += 1
+            return []
+        dest.writing = False
+        request = dest.request
+        dest.request = None
+        actions: list[Action] = []
+        if record.state in TERMINAL_STATES:
+            self._settle_destination(record, dest, actions)
+            self._release_source_when_idle(record, actions)
+            self._maybe_retire(record)
+            return actions
+        if error is not None:
+            self._fail(record, "fail", f"data write of round {round} to rank {rank} failed: {error}", now, actions)
+            return actions
+        assert request is not None and record.aux is not None
+        written = min(record.aux.total_tokens - dest.sent_tokens, request.allocated_tokens)
+        actions.append(SendMessage(Status(room, rank, round, dest.sent_tokens, written), rank))
+        dest.sent_tokens += written
+        record.rounds_written += 1
+        self.stats["bytes_rows_written"] += written
+        if dest.sent_tokens == record.aux.total_tokens:
+            dest.done = True
+        if all(d.done for d in record.destinations.values()):
+            if self._step(record, "rows_complete", now, actions):
+                self._finish(record, actions)
+        else:
+            self._step(record, "rows_partial", now, actions)
+        return actions
+
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+
+        def expire(room: Any) -> None:
+            record = self.rooms.get(room)
+            if record is not None and record.state not in TERMINAL_STATES:
+                self._fail(record, "timeout", f"timeout in state {record.state}", now, actions)
+
+        self._deadlines.pop_expired(now, expire)
+        return actions
+
+    def forget(self, room: int) -> None:
+        """Drop a finished room's record (its id is remembered to classify late messages)."""
+        record = self.rooms.get(room)
+        if record is None:
+            return
+        if record.state not in TERMINAL_STATES:
+            raise LocalProtocolError(f"room {room} is still {record.state}", field="room")
+        record.forget_requested = True
+        self._maybe_retire(record)
+
+    # -- message handlers --------------------------------------------------------------
+    def _on_register(self, message: Register) -> list[Action]:
+        problems = []
+        if message.block_size != self.settings.block_size:
+            problems.append(f"block_size {message.block_size} != {self.settings.block_size}")
+        if message.hidden_size != self.settings.hidden_size:
+            problems.append(f"hidden_size {message.hidden_size} != {self.settings.hidden_size}")
+        if message.dtype != self.settings.dtype:
+            problems.append(f"dtype {message.dtype} != {self.settings.dtype}")
+        if problems:
+            self.rejected_peers[message.rank] = "configuration mismatch: " + ", ".join(problems)
+            self.peers.pop(message.rank, None)
+            self.stats["registrations_rejected"] += 1
+        else:
+            self.rejected_peers.pop(message.rank, None)
+            self.peers[message.rank] = message
+            self.stats["registrations"] += 1
+        return []
+
+    def _on_init(self, message: Init, now: float) -> list[Action]:
+        actions: list[Action] = []
+        record = self.rooms.get(message.room)
+        if record is None and message.room in self._retired or record is not None and record.state in TERMINAL_STATES:
+            self.stats["late_dropped"] += 1
+            if record is None or record.state == FAILED:
+                # tell the receiver now rather than let it wait for its own timeout
+                reason = record.reason if record is not None else "room already finished on the sender"
+                actions.append(SendMessage(Abort(message.room, message.rank, reason[:512]), message.rank))
+            return actions
+        if record is None:
+            record = self._open(message.room, now)
+        known = record.destinations.get(message.rank)
+        if known is not None:
+            if known.round == 0 and known.request == message or known.round > 0 or known.writing or known.done:
+                self.stats["duplicate_dropped"] += 1
+                return actions
+            self._fail(record, "fail", f"rank {message.rank} sent a different init for room {message.room}", now, actions)
+            return actions
+        rejected = self.rejected_peers.get(message.rank)
+        if rejected is not None:
+            self._fail(record, "fail", f"rank {message.rank} rejected: {rejected}", now, actions, extra_rank=message.rank)
+            return actions
+        if message.block_size != self.settings.block_size:
+            self._fail(
+                record, "fail",
+                f"block size mismatch: rank {message.rank} uses {message.block_size}, sender {self.settings.block_size}",
+                now, actions, extra_rank=message.rank,
+            )
+            return actions
+        if record.required is None:
+            record.required = message.required_dst_info_num
+        elif record.required != message.required_dst_info_num:
+            self._fail(
+                record, "fail",
+                f"required_dst_info_num mismatch: {message.required_dst_info_num} vs {record.required}",
+                now, actions, extra_rank=message.rank,
+            )
+            return actions
+        record.destinations[message.rank] = _Destination(message.rank, message.block_size, request=message)
+        trigger = "destinations_known" if len(record.destinations) == record.required else "init_received"
+        if not self._step(record, trigger, now, actions):
+            return actions
+        if record.state == WAITING_FOR_INPUT and record.aux is not None:
+            self._write_round_zero(record, actions)
+        return actions
+
+    def _on_resume(self, message: Resume, now: float) -> list[Action]:
+        actions: list[Action] = []
+        record = self.rooms.get(message.room)
+        if record is None or record.state in TERMINAL_STATES:
+            self.stats["late_dropped" if record is not None or message.room in self._retired else "stray_dropped"] += 1
+            return actions
+        dest = record.destinations.get(message.rank)
+        if dest is None:
+            self._fail(record, "fail", f"resume from rank {message.rank}, which sent no init", now, actions)
+            return actions
+        if message.round <= dest.round:
+            self.stats["duplicate_dropped"] += 1
+            return actions
+        if not self._step(record, "resume_received", now, actions):
+            return actions
+        if message.round != dest.round + 1 or message.sent_tokens != dest.sent_tokens or dest.writing or dest.done:
+            self._fail(
+                record, "fail",
+                f"unexpected resume round {message.round} at token {message.sent_tokens} from rank {message.rank}"
+                f" (expected round {dest.round + 1} at token {dest.sent_tokens})",
+                now, actions,
+            )
+            return actions
+        try:
+            check_capacity(message.allocated_tokens, message.extents, dest.block_size)
+        except InvalidField as error:
+            self._fail(record, "fail", f"resume from rank {message.rank}: {error}", now, actions)
+            return actions
+        dest.round = message.round
+        dest.request = message
+        self._write(record, dest, actions)
+        return actions
+
+    def _on_abort(self, message: Abort, now: float) -> list[Action]:
+        actions: list[Action] = []
+        record = self.rooms.get(message.room)
+        dest = record.destinations.get(message.rank) if record is not None else None
+        if record is not None and record.state not in TERMINAL_STATES:
+            self._fail(record, "abort", f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)
+        if dest is not None and dest.writing:
+            dest.owes_ack = True  # ack once the write in flight has landed
+            dest.owes_abort = None
+        else:
+            actions.append(SendMessage(AbortAck(message.room, message.rank), message.rank))
+        return actions
+
+    # -- helpers -----------------------------------------------------------------------
+    def _open(self, room: int, now: float) -> _SenderRoom:
+        record = _SenderRoom(room, "Bootstrapping", now + self.settings.bootstrap_timeout)
+        self.rooms[room] = record
+        self._deadlines.set(room, record.deadline)
+        return record
+
+    def _step(self, record: _SenderRoom, trigger: str, now: float, actions: list[Action]) -> bool:
+        """Apply a trigger; an illegal one fails the room.  False when the room failed."""
+        try:
+            state = self._machine.fire(record.state, trigger)
+        except IllegalTransition as error:
+            if record.state in TERMINAL_STATES:
+                raise
+            self._fail(record, "fail", str(error), now, actions)
+            return False
+        if state != record.state or state == TRANSFERRING:
+            # a new phase, or progress while transferring, restarts the state's clock
+            record.state = state
+            if state in TERMINAL_STATES:
+                self._deadlines.clear(record.room)
+            else:
+                record.deadline = now + self.settings.timeout_for(state)
+                self._deadlines.set(record.room, record.deadline)
+        return True
+
+    def _write_round_zero(self, record: _SenderRoom, actions: list[Action]) -> None:
+        for dest in record.destinations.values():
+            self._write(record, dest, actions)
+
+    def _write(self, record: _SenderRoom, dest: _Destination, actions: list[Action]) -> None:
+        request = dest.request
+        aux = record.aux
+        assert request is not None and aux is not None
+        num_tokens = min(aux.total_tokens - dest.sent_tokens, request.allocated_tokens)
+        runs = tuple(slot_runs(request.extents, dest.block_size, num_tokens))
+        first_round = dest.round == 0
+        dest.writing = True
+        actions.append(
+            WriteRows(
+                record.room, dest.rank, dest.round, dest.sent_tokens, num_tokens, runs,
+                aux if first_round else None, request.extents[0][0] if first_round else None,
+            )
+        )
+
+    def _fail(
+        self, record: _SenderRoom, trigger: str, reason: str, now: float, actions: list[Action],
+        *, extra_rank: int | None = None, quiet_rank: int | None = None,
+    ) -> None:
+        record.state = self._machine.fire(record.state, trigger)
+        assert record.state == FAILED
+        record.reason = reason
+        self._deadlines.clear(record.room)
+        self.stats["rooms_failed"] += 1
+        self.stats[f"failed:{trigger}"] += 1
+        ranks = set(record.destinations)
+        if extra_rank is not None and extra_rank not in ranks:
+            actions.append(SendMessage(Abort(record.room, extra_rank, reason[:512]), extra_rank))
+        for rank in sorted(ranks):
+            if rank == quiet_rank:
+                continue
+            dest = record.destinations[rank]
+            if dest.done:
+                continue
+            if dest.writing:
+                dest.owes_abort = reason[:512]
+            else:
+                actions.append(SendMessage(Abort(record.room, rank, reason[:512]), rank))
+        self._release_source_when_idle(record, actions)
+        actions.append(RoomFinished(record.room, Poll.Failed, reason))
+
+    def _finish(self, record: _SenderRoom, actions: list[Action]) -> None:
+        assert record.state == SUCCESS
+        self.stats["rooms_succeeded"] += 1
+        self._release_source_when_idle(record, actions)
+        actions.append(RoomFinished(record.room, Poll.Success))
+
+    def _release_source_when_idle(self, record: _SenderRoom, actions: list[Action]) -> None:
+        """Release the source rows once, and only when no write still reads them."""
+        if record.source_held and not any(d.writing for d in record.destinations.values()):
+            record.source_held = False
+            actions.append(ReleaseSource(record.room))
+
+    def _settle_destination(self, record: _SenderRoom, dest: _Destination, actions: list[Action]) -> None:
+        """A write landed after the room failed: now pay the abort or ack held back for it."""
+        if dest.owes_ack:
+            actions.append(SendMessage(AbortAck(record.room, dest.rank), dest.rank))
+            dest.owes_ack = False
+        if dest.owes_abort is not None:
+            actions.append(SendMessage(Abort(record.room, dest.rank, dest.owes_abort), dest.rank))
+            dest.owes_abort = None
+
+    def _maybe_retire(self, record: _SenderRoom) -> None:
+        if not record.forget_requested:
+            return
+        if any(d.writing for d in record.destinations.values()):
+            return  # keep it until its writes land, so their completions find it
+        self.rooms.pop(record.room, None)
+        self._retired[record.room] = None
+        if len(self._retired) > RETIRED_MEMORY:
+            self._retired.popitem(last=False)

@@ -1,0 +1,142 @@
+"""One settings object for every default; environment overrides are read here only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ._errors import SettingsError
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise SettingsError(f"{attribute.name} must be a positive integer, got {value!r}", field=attribute.name)
+
+
+def _positive_seconds(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise SettingsError(f"{attribute.name} must be a positive number of seconds, got {value!r}", field=attribute.name)
+
+
+def _dtype_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    if value not in DTYPE_NAMES:
+        raise SettingsError(f"{attribute.name} must be one of {', '.join(DTYPE_NAMES)}, got {value!r}", field=attribute.name)
+
+
+@attrs.frozen
+class Settings:
+    """Sizes, timeouts and intervals shared by both sides of a link.
+
+    ``block_size`` tokens make a block; the receiver's pool holds ``pool_blocks`` blocks and
+    guesses ``default_blocks`` for a new room.  Timeouts are seconds per non-terminal state
+    (see ``embxfer.specs.tables.TIMEOUT_SETTING``).
+    """
+
+    block_size: int = attrs.field(default=128, validator=_positive_int)
+    default_blocks: int = attrs.field(default=8, validator=_positive_int)
+    pool_blocks: int = attrs.field(default=64, validator=_positive_int)
+    hidden_size: int = attrs.field(default=1024, validator=_positive_int)
+    dtype: str = attrs.field(default="bfloat16", validator=_dtype_name)
+    bootstrap_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
+    waiting_timeout: float = attrs.field(default=120.0, validator=_positive_seconds)
+    transfer_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
+    quarantine_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
+    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
+    heartbeat_misses: int = attrs.field(default=5, validator=_positive_int)
+
+    def __attrs_post_init__(self) -> None:
+        if self.default_blocks > self.pool_blocks:
+            raise SettingsError(
+                f"default_blocks ({self.default_blocks}) must not exceed pool_blocks ({self.pool_blocks})",
+                field="default_blocks",
+            )
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.pool_blocks * self.block_size
+
+    @property
+    def default_tokens(self) -> int:
+        return self.default_blocks * self.block_size
+
+    def timeout_for(self, state: str) -> float:
+        from embxfer.specs.tables import TIMEOUT_SETTING
+
+        return float(getattr(self, TIMEOUT_SETTING[state]))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Settings with ``EMBXFER_<FIELD>`` variables (and the SGLang fork's names) applied.
+
+        ``EMBXFER_*`` wins over an SGLang alias; keyword overrides win over both.  A bad
+        value raises ``SettingsError`` naming the variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            if field.name in overrides:
+                continue  # an override wins: its variables are not even parsed
+            names = [f"EMBXFER_{field.name.upper()}", *ENV_ALIASES.get(field.name, ())]
+            for name in names:
+                if name in env:
+                    values[field.name] = _parse_env(name, env[name], field)
+                    break
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except SettingsError as error:
+            # name the variable that set the bad value; a cross-field error (default_blocks >
+            # pool_blocks) may come from either field's variable
+            for field_name in _RELATED_FIELDS.get(error.field or "", (error.field or "",)):
+                if field_name in overrides:
+                    continue
+                source = next(
+                    (n for n in [f"EMBXFER_{field_name.upper()}", *ENV_ALIASES.get(field_name, ())] if n in env),
+                    None,
+                )
+                if source is not None:
+                    raise SettingsError(f"{source}: {error}", field=source) from None
+            raise
+
+
+# The SGLang fork's variable names, accepted as aliases.
+ENV_ALIASES: dict[str, tuple[str, ...]] = {
+    "block_size": ("SGLANG_MULTIMODAL_BLOCK_SIZE",),
+    "default_blocks": ("SGLANG_DEFAULT_MULTIMODAL_BLOCKS",),
+    "pool_blocks": ("SGLANG_EMBEDDING_CACHE_BUFFER_SIZE",),
+}
+
+
+# Fields whose variables may be behind a cross-field SettingsError, in the order to blame them.
+_RELATED_FIELDS: dict[str, tuple[str, ...]] = {
+    "default_blocks": ("default_blocks", "pool_blocks"),
+}
+
+
+def _parse_env(name: str, raw: str, field: attrs.Attribute) -> Any:  # type: ignore[type-arg]
+    text = raw.strip()
+    if field.type in ("int", int):
+        # ASCII decimal digits only: int() would also take "1_000" and non-ASCII digits
+        if not (text.isascii() and text.isdigit()):
+            raise SettingsError(f"{name} must be a positive integer, got {raw!r}", field=name)
+        value: Any = int(text)
+        if value <= 0:
+            raise SettingsError(f"{name} must be a positive integer, got {raw!r}", field=name)
+        return value
+    if field.type in ("float", float):
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise SettingsError(f"{name} must be a positive number of seconds, got {raw!r}", field=name) from None
+        if not seconds > 0 or seconds == float("inf"):
+            raise SettingsError(f"{name} must be a positive number of seconds, got {raw!r}", field=name)
+        return seconds
+    if text not in DTYPE_NAMES:
+        raise SettingsError(f"{name} must be one of {', '.join(DTYPE_NAMES)}, got {raw!r}", field=name)
+    return text

@@ -1,0 +1,106 @@
+"""Transition tables of the two room state machines: the authority on legal moves.
+
+Rules of these tables (read before editing):
+
+* One row per (trigger, source) pair: ``(trigger, source, dest)``.  ``dest`` is ``None``
+  for an *internal* transition: the input is legal there, the state does not change.
+* A (state, trigger) pair that has no row is illegal.  The core never ignores it: the room
+  goes to ``Failed`` with a reason naming the state and the trigger.
+* ``Success`` and ``Failed`` are terminal.  No row leaves them; nothing that arrives later
+  changes them (late input for a finished room is dropped and counted, never applied).
+* Every non-terminal state has a timeout (``TIMEOUT_SETTING``): the ``timeout`` trigger
+  fires from it when its deadline passes.
+* Triggers name *phase changes* and per-round inputs, never per-block or per-token work.
+
+The ``transitions`` machines in ``embxfer.core`` are built from these rows, once per role,
+and the generated diagrams in ``specs/diagrams/`` are drawn from them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+BOOTSTRAPPING: Final = "Bootstrapping"
+WAITING_FOR_INPUT: Final = "WaitingForInput"
+TRANSFERRING: Final = "Transferring"
+SUCCESS: Final = "Success"
+FAILED: Final = "Failed"
+
+STATES: Final = (FAILED, BOOTSTRAPPING, WAITING_FOR_INPUT, TRANSFERRING, SUCCESS)
+TERMINAL_STATES: Final = frozenset({SUCCESS, FAILED})
+NON_TERMINAL_STATES: Final = (BOOTSTRAPPING, WAITING_FOR_INPUT, TRANSFERRING)
+
+# Poll integers equal SGLang's KVPoll so adapters can pass them through unchanged.
+POLL_VALUES: Final = {
+    FAILED: 0,
+    BOOTSTRAPPING: 1,
+    WAITING_FOR_INPUT: 2,
+    TRANSFERRING: 3,
+    SUCCESS: 4,
+}
+
+# Which Settings field bounds the time a room may spend in each non-terminal state.
+TIMEOUT_SETTING: Final = {
+    BOOTSTRAPPING: "bootstrap_timeout",
+    WAITING_FOR_INPUT: "waiting_timeout",
+    TRANSFERRING: "transfer_timeout",
+}
+
+Row = tuple[str, str, "str | None"]
+
+_ANY_LIVE = NON_TERMINAL_STATES
+
+# Sender room ("encode" side).
+#   Bootstrapping    waits for the init of every one of required_dst_info_num destinations
+#   WaitingForInput  every destination is known; waits for the embedding (send)
+#   Transferring     round 0 is written and some destination still needs a resume
+SENDER_TABLE: Final[tuple[Row, ...]] = (
+    # an init from one destination while others are still missing
+    ("init_received", BOOTSTRAPPING, None),
+    # the init that completes the destination set
+    ("destinations_known", BOOTSTRAPPING, WAITING_FOR_INPUT),
+    # the embedding may be ready before the destinations are: it is kept until they are
+    ("data_ready", BOOTSTRAPPING, None),
+    ("data_ready", WAITING_FOR_INPUT, None),
+    # a written round left some destination short: wait for its resume
+    ("rows_partial", WAITING_FOR_INPUT, TRANSFERRING),
+    ("rows_partial", TRANSFERRING, None),
+    # every destination has every token row
+    ("rows_complete", WAITING_FOR_INPUT, SUCCESS),
+    ("rows_complete", TRANSFERRING, SUCCESS),
+    # a destination asks for the next round
+    ("resume_received", TRANSFERRING, None),
+    *((trigger, state, FAILED) for trigger in ("abort", "timeout", "fail") for state in _ANY_LIVE),
+)
+
+# Receiver room ("language" side).
+#   Bootstrapping    resolving the sender and waiting (FCFS) for the default allocation
+#   WaitingForInput  init sent with the first allocation; waits for round 0
+#   Transferring     a partial round arrived; allocating the rest / waiting for resumes
+RECEIVER_TABLE: Final[tuple[Row, ...]] = (
+    ("init_sent", BOOTSTRAPPING, WAITING_FOR_INPUT),
+    ("round_partial", WAITING_FOR_INPUT, TRANSFERRING),
+    ("round_partial", TRANSFERRING, None),
+    ("resume_sent", TRANSFERRING, None),
+    ("round_complete", WAITING_FOR_INPUT, SUCCESS),
+    ("round_complete", TRANSFERRING, SUCCESS),
+    *((trigger, state, FAILED) for trigger in ("abort", "timeout", "fail") for state in _ANY_LIVE),
+)
+
+TABLES: Final = {"sender": SENDER_TABLE, "receiver": RECEIVER_TABLE}
+
+
+def triggers(table: tuple[Row, ...]) -> tuple[str, ...]:
+    """Every trigger of a table, in first-appearance order."""
+    seen: dict[str, None] = {}
+    for trigger, _, _ in table:
+        seen.setdefault(trigger)
+    return tuple(seen)
+
+
+def expected_dest(table: tuple[Row, ...], state: str, trigger: str) -> str | None:
+    """The state a legal (state, trigger) leads to; raises KeyError for an illegal pair."""
+    for row_trigger, source, dest in table:
+        if row_trigger == trigger and source == state:
+            return state if dest is None else dest
+    raise KeyError((state, trigger))

@@ -1,0 +1,35 @@
+"""Shared test helpers: small settings, synthetic rows, a two-party harness over loopback."""
+
+from __future__ import annotations
+
+from embxfer.adapters import connect_loopback
+from embxfer.adapters.workload import room_data
+from embxfer.core import Settings
+
+SMALL = Settings(block_size=4, default_blocks=2, pool_blocks=6, hidden_size=8, dtype="float32")
+
+
+def rows(num_tokens: int, settings: Settings = SMALL, room: int = 0, seed: int = 3):  # type: ignore[no-untyped-def]
+    return room_data(seed, room, settings, num_tokens=num_tokens)
+
+
+def transfer(settings: Settings, lengths: dict[int, int], receivers: int = 1):  # type: ignore[no-untyped-def]
+    """Init every room on every receiver, send, run to idle; returns (link, sent data)."""
+    link = connect_loopback(settings, receivers=receivers)
+    sent = {}
+    for room, n in lengths.items():
+        for rx in link.receivers:
+            rx.init(room)
+        sent[room] = rows(n, settings, room)
+        link.sender.send(room, sent[room])
+    link.run_until_idle()
+    return link, sent
+
+
+def resume_rounds(receiver, room_count: int | None = None) -> dict[int, int]:  # type: ignore[no-untyped-def]
+    """Histogram {resume rounds: rooms} from a receiver's counters."""
+    return {
+        int(key.split(":")[1]): count
+        for key, count in receiver.endpoint.stats.items()
+        if key.startswith("resume_rounds:")
+    }

@@ -1,0 +1,51 @@
+"""The hypothesis stateful model over the loopback link, with the fault rules enabled.
+
+EMBXFER_MODEL_EXAMPLES raises or lowers the example count (CI runs the default, >= 500)."""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from embxfer.adapters.testing import LoopbackModel, run_model
+from embxfer.core import Settings
+
+EXAMPLES = int(os.environ.get("EMBXFER_MODEL_EXAMPLES", "600"))
+
+TestOneReceiver = LoopbackModel.TestCase
+TestOneReceiver.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+class TwoReceivers(LoopbackModel):
+    receivers = 2
+
+
+TestTwoReceivers = TwoReceivers.TestCase
+TestTwoReceivers.settings = settings(
+    max_examples=max(1, EXAMPLES // 2), stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+def test_run_model_accepts_user_settings():
+    run_model(Settings(block_size=2, default_blocks=1, pool_blocks=1, hidden_size=4, dtype="bfloat16",
+                       bootstrap_timeout=3.0, waiting_timeout=3.0, transfer_timeout=3.0, quarantine_timeout=4.0),
+              max_examples=50)
+
+
+def test_model_finds_a_receiver_that_frees_aborted_blocks_at_once(monkeypatch):
+    """The model can fail: without quarantine a late write lands in reused blocks."""
+    from embxfer.core import _receiver
+
+    original = _receiver.Receiver._fail
+
+    def free_at_once(self, record, trigger, reason, now, actions, *, sender_quiet=False):
+        original(self, record, trigger, reason, now, actions, sender_quiet=sender_quiet)
+        self._release_quarantine(record.room)
+
+    monkeypatch.setattr(_receiver.Receiver, "_fail", free_at_once)
+    with pytest.raises(AssertionError, match="write of room"):
+        run_model(max_examples=3000, database=None, derandomize=True, shrink=False)

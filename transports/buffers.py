@@ -1,0 +1,157 @@
+"""Torch buffers: the receiver's block pool and the embedding data it carries.
+
+Layout (one row per token slot, so a run of slots is one contiguous copy):
+``embeddings [slots, hidden]`` of the pool dtype, ``fill_ids [slots]`` int64,
+``mrope [slots, 3]`` int64 (token-major; callers' ``[3, n]`` is transposed once), and
+``aux [pool_blocks, AUX_WORDS]`` int64, one aux record per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+import torch
+
+from embxfer.core import AuxHeader, LocalProtocolError, Settings
+from embxfer.specs.schemas import AUX_WORDS
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def _tensor(kind: str):  # type: ignore[no-untyped-def]
+    def check(instance, attribute, value):  # type: ignore[no-untyped-def]
+        if not isinstance(value, torch.Tensor):
+            raise LocalProtocolError(f"{attribute.name} must be a torch.Tensor, got {type(value).__name__}", field=attribute.name)
+
+    return check
+
+
+@attrs.frozen(eq=False)
+class EmbeddingData:
+    """One room's rows: ``embeddings [n, hidden]``, ``fill_ids [n]`` int64,
+    ``mrope_positions [3, n]`` int64 and the scalar ``mrope_position_delta``."""
+
+    embeddings: torch.Tensor = attrs.field(validator=_tensor("embeddings"))
+    fill_ids: torch.Tensor = attrs.field(validator=_tensor("fill_ids"))
+    mrope_positions: torch.Tensor = attrs.field(validator=_tensor("mrope_positions"))
+    mrope_position_delta: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.embeddings.dim() != 2 or self.embeddings.shape[0] < 1:
+            raise LocalProtocolError(f"embeddings must be [n >= 1, hidden], got {list(self.embeddings.shape)}", field="embeddings")
+        n = self.embeddings.shape[0]
+        if self.embeddings.dtype not in _DTYPES.values():
+            raise LocalProtocolError(f"embeddings dtype {self.embeddings.dtype} is not float32, float16 or bfloat16", field="embeddings")
+        if self.fill_ids.shape != (n,) or self.fill_ids.dtype != torch.int64:
+            raise LocalProtocolError(f"fill_ids must be int64 [{n}], got {self.fill_ids.dtype} {list(self.fill_ids.shape)}", field="fill_ids")
+        if self.mrope_positions.shape != (3, n) or self.mrope_positions.dtype != torch.int64:
+            raise LocalProtocolError(
+                f"mrope_positions must be int64 [3, {n}], got {self.mrope_positions.dtype} {list(self.mrope_positions.shape)}",
+                field="mrope_positions",
+            )
+        if not isinstance(self.mrope_position_delta, int) or isinstance(self.mrope_position_delta, bool):
+            raise LocalProtocolError("mrope_position_delta must be an int", field="mrope_position_delta")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def check_fits(self, settings: Settings) -> None:
+        if self.embeddings.shape[1] != settings.hidden_size:
+            raise LocalProtocolError(
+                f"embeddings hidden size {self.embeddings.shape[1]} != settings.hidden_size {settings.hidden_size}",
+                field="embeddings",
+            )
+        if self.embeddings.dtype != torch_dtype(settings.dtype):
+            raise LocalProtocolError(f"embeddings dtype {self.embeddings.dtype} != settings.dtype {settings.dtype}", field="embeddings")
+
+    def same_bytes(self, other: "EmbeddingData") -> bool:
+        """Exact equality, bit for bit (NaN payloads included)."""
+        return (
+            self.mrope_position_delta == other.mrope_position_delta
+            and _same_bytes(self.embeddings, other.embeddings)
+            and _same_bytes(self.fill_ids, other.fill_ids)
+            and _same_bytes(self.mrope_positions, other.mrope_positions)
+        )
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(_bytes_of(a), _bytes_of(b))
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    # a fresh dense copy: .contiguous() may keep odd strides on size-1 dims, which view() rejects
+    dense = torch.empty(tensor.shape, dtype=tensor.dtype)
+    dense.copy_(tensor)
+    return dense.reshape(-1).view(torch.uint8)
+
+
+class SourceRows:
+    """A sender's rows staged for writing: mrope transposed to token-major once."""
+
+    __slots__ = ("embeddings", "fill_ids", "mrope", "num_tokens")
+
+    def __init__(self, data: EmbeddingData) -> None:
+        self.embeddings = data.embeddings.contiguous()
+        self.fill_ids = data.fill_ids.contiguous()
+        self.mrope = data.mrope_positions.t().contiguous()
+        self.num_tokens = data.num_tokens
+
+
+class PoolBuffers:
+    """The receiver's pool: token-slot buffers cut into blocks, plus one aux record a block."""
+
+    def __init__(self, settings: Settings) -> None:
+        slots = settings.pool_tokens
+        self.block_size = settings.block_size
+        self.embeddings = torch.zeros(slots, settings.hidden_size, dtype=torch_dtype(settings.dtype))
+        self.fill_ids = torch.zeros(slots, dtype=torch.int64)
+        self.mrope = torch.zeros(slots, 3, dtype=torch.int64)
+        self.aux = torch.zeros(settings.pool_blocks, AUX_WORDS, dtype=torch.int64)
+
+    def write(self, source: SourceRows, sent_tokens: int, runs: Iterable[tuple[int, int, int]]) -> None:
+        """Copy source tokens into slots: one copy per run and buffer kind."""
+        for first_slot, token_offset, length in runs:
+            src = sent_tokens + token_offset
+            self.embeddings[first_slot:first_slot + length].copy_(source.embeddings[src:src + length])
+            self.fill_ids[first_slot:first_slot + length].copy_(source.fill_ids[src:src + length])
+            self.mrope[first_slot:first_slot + length].copy_(source.mrope[src:src + length])
+
+    def write_aux(self, block: int, header: AuxHeader) -> None:
+        self.aux[block] = torch.tensor(header.to_words(), dtype=torch.int64)
+
+    def read_aux(self, block: int) -> AuxHeader:
+        return AuxHeader.from_words(self.aux[block].tolist())
+
+    def clear_aux(self, block: int) -> None:
+        self.aux[block].zero_()
+
+
+class Assembly:
+    """Where a room's rows go when they leave the pool, round by round."""
+
+    __slots__ = ("embeddings", "fill_ids", "mrope", "delta")
+
+    def __init__(self, header: AuxHeader, settings: Settings) -> None:
+        total = header.total_tokens
+        self.embeddings = torch.empty(total, settings.hidden_size, dtype=torch_dtype(settings.dtype))
+        self.fill_ids = torch.empty(total, dtype=torch.int64)
+        self.mrope = torch.empty(total, 3, dtype=torch.int64)
+        self.delta = header.mrope_position_delta
+
+    def collect(self, pool: PoolBuffers, runs: Iterable[tuple[int, int, int]], sent_tokens: int) -> None:
+        for first_slot, token_offset, length in runs:
+            dst = sent_tokens + token_offset
+            self.embeddings[dst:dst + length].copy_(pool.embeddings[first_slot:first_slot + length])
+            self.fill_ids[dst:dst + length].copy_(pool.fill_ids[first_slot:first_slot + length])
+            self.mrope[dst:dst + length].copy_(pool.mrope[first_slot:first_slot + length])
+
+    def result(self) -> EmbeddingData:
+        return EmbeddingData(self.embeddings, self.fill_ids, self.mrope.t().contiguous(), self.delta)

@@ -174,7 +174,7 @@ class LoopbackModel(RuleBasedStateMachine):
             link.run_until_idle()
         else:
             raise AssertionError("deadlines kept coming: something never ends")
-        states = []
+        states: list[tuple[str, str]] = []
         for handle in (link.sender, *link.receivers):
             if handle.name in link.network.crashed:
                 continue
@@ -208,11 +208,11 @@ def run_model(
         "CustomLoopbackModel", (LoopbackModel,),
         {"settings": settings or DEFAULT_MODEL_SETTINGS, "receivers": receivers, "faults": faults},
     )
-    model.TestCase.settings = hyp_settings(
+    model.TestCase.settings = hyp_settings(  # type: ignore[attr-defined]
         max_examples=max_examples, stateful_step_count=stateful_step_count, deadline=None,
         derandomize=derandomize,
         phases=list(Phase) if shrink else [p for p in Phase if p != Phase.shrink],
         **({} if database == "default" else {"database": database}),
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
-    model.TestCase().runTest()
+    model.TestCase().runTest()  # type: ignore[attr-defined]

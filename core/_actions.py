@@ -12,8 +12,16 @@ from embxfer.specs.tables import POLL_VALUES
 from ._allocator import Allocation
 from ._messages import AuxHeader, Message
 
-Poll = enum.IntEnum("Poll", POLL_VALUES)  # type: ignore[misc]
-Poll.__doc__ = "Room status; the integers equal SGLang's KVPoll (Failed=0 ... Success=4)."
+
+
+class Poll(enum.IntEnum):
+    """Room status; the integers equal SGLang's KVPoll (a test holds them to the spec)."""
+
+    Failed = POLL_VALUES["Failed"]
+    Bootstrapping = POLL_VALUES["Bootstrapping"]
+    WaitingForInput = POLL_VALUES["WaitingForInput"]
+    Transferring = POLL_VALUES["Transferring"]
+    Success = POLL_VALUES["Success"]
 
 
 @attrs.frozen

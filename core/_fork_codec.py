@@ -75,7 +75,7 @@ def fork_decode(frames: Sequence[Any], *, block_size: int | None = None) -> Fork
         raise DecodeError("frames", f"expected a list of frames, got {type(frames).__name__}")
     if len(frames) == len(FORK_INIT_FIELDS):
         cls: type = ForkInit
-        names = FORK_INIT_FIELDS
+        names: tuple[str, ...] = FORK_INIT_FIELDS
     elif len(frames) == len(FORK_RESUME_FIELDS):
         cls, names = ForkResume, FORK_RESUME_FIELDS
     else:

@@ -2,11 +2,17 @@
 PY ?= python3
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup demo test wheel-check
+.PHONY: system-deps setup demo test wheel-check
 
-setup:
+# Mooncake's engine.so links libibverbs (and libnuma, libcurl): Debian packages, root only.
+system-deps:
+	@if command -v apt-get >/dev/null && ! dpkg -s libibverbs1 libnuma1 libcurl4 >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 libnuma1 libcurl4 >/dev/null; \
+	fi
+
+setup: system-deps
 	$(PIP) torch==2.13.0          # the CPU wheel on these machines; a loose pin pulls a CUDA build
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,mooncake-cpu,progress]'
 
 demo: setup
 	embxfer demo

@@ -12,10 +12,16 @@ assert rx.poll(room) == Poll.Success; rows = rx.take(room)
 from embxfer.core import Poll, Settings
 from embxfer.transports.buffers import EmbeddingData
 
+from ._local import LocalLink, connect_local
 from ._loopback import LoopbackLink, ReceiverHandle, SenderHandle, connect_loopback
+from ._runtime import EncodeServer, LanguageClient
 
 __all__ = [
     "EmbeddingData",
+    "EncodeServer",
+    "LanguageClient",
+    "LocalLink",
+    "connect_local",
     "LoopbackLink",
     "Poll",
     "ReceiverHandle",

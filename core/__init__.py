@@ -20,7 +20,9 @@ from ._errors import (
 )
 from ._fork_codec import ForkInit, ForkResume, fork_decode, fork_encode, fork_to_native, native_to_fork
 from ._machine import RoomMachine, machine_for
-from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, Register, Resume, Status
+from ._messages import (
+    Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, PoolLayout, Register, Registered, Resume, Status,
+)
 from ._receiver import Receiver
 from ._sender import Sender
 from ._settings import Settings
@@ -29,7 +31,7 @@ __all__ = [
     "Abort", "AbortAck", "Action", "Allocation", "Allocator", "AllocatorError", "AuxHeader",
     "BlockSizeMismatch", "CollectRows", "DecodeError", "Extent", "ForkInit", "ForkResume",
     "Heartbeat", "IllegalTransition", "Init", "InvalidField", "LocalProtocolError", "Message",
-    "Poll", "ProtocolError", "Receiver", "Register", "ReleaseSource", "RemoteProtocolError",
+    "Poll", "PoolLayout", "ProtocolError", "Registered", "Receiver", "Register", "ReleaseSource", "RemoteProtocolError",
     "Resume", "RoomFailedError", "RoomFinished", "RoomMachine", "SendMessage", "Sender",
     "Settings", "SettingsError", "Status", "WriteRows", "decode", "encode", "fork_decode",
     "fork_encode", "fork_to_native", "machine_for", "native_to_fork", "slot_runs",

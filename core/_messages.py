@@ -192,9 +192,28 @@ class Heartbeat:
     sequence: int = attrs.field(validator=U64)
 
 
-Message = Union[Register, Init, Resume, Status, Abort, AbortAck, Heartbeat]
+@attrs.frozen
+class PoolLayout:
+    rank: int = attrs.field(validator=U32)
+    pool_slots: int = attrs.field(validator=U32)
+    embeddings_addr: int = attrs.field(validator=U64)
+    fill_ids_addr: int = attrs.field(validator=U64)
+    mrope_addr: int = attrs.field(validator=U64)
+    aux_addr: int = attrs.field(validator=U64)
+
+
+@attrs.frozen
+class Registered:
+    incarnation: int = attrs.field(validator=U64)
+    accepted: int = attrs.field(validator=_int_in(0, 1))
+    session_id: str = attrs.field(validator=_text)
+    reason: str = attrs.field(validator=_text)
+
+
+Message = Union[Register, Init, Resume, Status, Abort, AbortAck, Heartbeat, PoolLayout, Registered]
 MESSAGE_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (Register, Init, Resume, Status, Abort, AbortAck, Heartbeat)
+    cls.__name__: cls
+    for cls in (Register, Init, Resume, Status, Abort, AbortAck, Heartbeat, PoolLayout, Registered)
 }
 
 _CODE_TO_DTYPE = {code: name for name, code in DTYPE_CODES.items()}

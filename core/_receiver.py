@@ -163,6 +163,14 @@ class Receiver:
         self._serve_waiting(now, actions)
         return actions
 
+    def release_quarantine(self) -> int:
+        """Free every quarantined allocation now (the process is going away, so no sender
+        write can reach this pool any more).  Returns the number of blocks freed."""
+        blocks = self.quarantined_blocks
+        for room in list(self._quarantine):
+            self._release_quarantine(room)
+        return blocks
+
     def forget(self, room: int) -> None:
         """Drop a finished room's record; its id is remembered to drop late messages."""
         record = self.rooms.get(room)

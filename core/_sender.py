@@ -297,7 +297,11 @@ class Sender:
         actions: list[Action] = []
         record = self.rooms.get(message.room)
         dest = record.destinations.get(message.rank) if record is not None else None
-        if record is not None and record.state not in TERMINAL_STATES:
+        if record is None:
+            # an abort that overtook the room's init: remember the room so a late init can
+            # never start writing blocks the receiver frees on our ack
+            self._retire(message.room)
+        elif record.state not in TERMINAL_STATES:
             self._fail(record, "abort", f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)
         if dest is not None and dest.writing:
             dest.owes_ack = True  # ack once the write in flight has landed
@@ -404,6 +408,9 @@ class Sender:
         if any(d.writing for d in record.destinations.values()):
             return  # keep it until its writes land, so their completions find it
         self.rooms.pop(record.room, None)
-        self._retired[record.room] = None
+        self._retire(record.room)
+
+    def _retire(self, room: int) -> None:
+        self._retired[room] = None
         if len(self._retired) > RETIRED_MEMORY:
             self._retired.popitem(last=False)

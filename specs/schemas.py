@@ -55,6 +55,15 @@ MESSAGE_SCHEMAS: Final[dict[str, tuple[int, tuple[tuple[str, str], ...]]]] = {
     "AbortAck": (6, (("room", "u64"), ("rank", "u32"))),
     # either way: liveness, with the incarnation that tells a restarted peer apart
     "Heartbeat": (7, (("incarnation", "u64"), ("sequence", "u64"))),
+    # receiver -> sender, after Register on a real data plane: where its pool buffers live
+    "PoolLayout": (8, (
+        ("rank", "u32"), ("pool_slots", "u32"), ("embeddings_addr", "u64"), ("fill_ids_addr", "u64"),
+        ("mrope_addr", "u64"), ("aux_addr", "u64"),
+    )),
+    # sender -> receiver: the answer to Register, with the sender's data-plane session
+    "Registered": (9, (
+        ("incarnation", "u64"), ("accepted", "u32"), ("session_id", "str"), ("reason", "str"),
+    )),
 }
 
 # The aux header written with round 0 into the aux record of the allocation's first block,

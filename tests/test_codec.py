@@ -19,8 +19,10 @@ from embxfer.core import (
     Heartbeat,
     Init,
     InvalidField,
+    PoolLayout,
     ProtocolError,
     Register,
+    Registered,
     RemoteProtocolError,
     Resume,
     Status,
@@ -42,7 +44,7 @@ from embxfer.specs.schemas import (
     VERSION,
 )
 
-MESSAGE_NAMES = ("Register", "Init", "Resume", "Status", "Abort", "AbortAck", "Heartbeat")
+MESSAGE_NAMES = ("Register", "Init", "Resume", "Status", "Abort", "AbortAck", "Heartbeat", "PoolLayout", "Registered")
 MESSAGE_CLASSES = tuple(getattr(core, name) for name in MESSAGE_NAMES)
 
 u32 = st.integers(0, U32_MAX)
@@ -134,6 +136,10 @@ def statuses(draw: st.DrawFn) -> Status:
 aborts = st.builds(Abort, room=u64, rank=u32, reason=texts)
 abort_acks = st.builds(AbortAck, room=u64, rank=u32)
 heartbeats = st.builds(Heartbeat, incarnation=u64, sequence=u64)
+pool_layouts = st.builds(
+    PoolLayout, rank=u32, pool_slots=u32, embeddings_addr=u64, fill_ids_addr=u64, mrope_addr=u64, aux_addr=u64
+)
+registereds = st.builds(Registered, incarnation=u64, accepted=st.integers(0, 1), session_id=texts, reason=texts)
 
 STRATEGIES = {
     "Register": registers(),
@@ -143,6 +149,8 @@ STRATEGIES = {
     "Abort": aborts,
     "AbortAck": abort_acks,
     "Heartbeat": heartbeats,
+    "PoolLayout": pool_layouts,
+    "Registered": registereds,
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -276,7 +284,7 @@ def test_wrong_version(version: int) -> None:
     assert decode_error(frames).field == "header.version"
 
 
-@pytest.mark.parametrize("tag", [0, 8, 99, 255])
+@pytest.mark.parametrize("tag", [0, 10, 99, 255])
 def test_unknown_tag(tag: int) -> None:
     frames = init_frames()
     frames[0] = MAGIC + bytes([VERSION, tag])
@@ -293,6 +301,8 @@ def test_wrong_number_of_frames(name: str) -> None:
         "Abort": Abort(7, 0, "gone"),
         "AbortAck": AbortAck(7, 0),
         "Heartbeat": Heartbeat(3, 4),
+        "PoolLayout": PoolLayout(0, 512, 1 << 40, 2 << 40, 3 << 40, 4 << 40),
+        "Registered": Registered(9, 1, "127.0.0.1:15001", ""),
     }[name]
     frames = encode(message)
     assert decode(frames) == message

@@ -446,3 +446,25 @@ def test_invariant_predicates_detect_real_breakage():
     assert not invariants.all_freed_once(allocator)
     assert invariants.terminal_states_final({1: ["Bootstrapping", "Success", "Transferring"]})
     assert invariants.all_terminal([(1, "Transferring")])
+
+
+def test_abort_that_overtakes_the_init_stops_any_later_write():
+    """Found by the model: the receiver times out, its abort reaches the sender before its
+    init; the sender acks at once, so it must never start the room from the late init."""
+    link = connect_loopback(TIMED)
+    rx = link.receivers[0]
+    rx.init(1)
+    link.advance(7.5)  # WaitingForInput timeout while the init is still in flight
+    assert rx.poll(1) == Poll.Failed and rx.endpoint.quarantined_blocks == 2
+    link.network.deliver(control(link, "Abort")[0])
+    link.network.deliver(control(link, "AbortAck")[0])
+    assert rx.endpoint.quarantined_blocks == 0
+    rx.init(2)  # reuses the freed blocks
+    link.sender.send(1, rows(6, TIMED))
+    link.run_until_idle()
+    assert not link.violations()
+    assert link.sender.endpoint.stats["late_dropped"] >= 1
+    data2 = rows(5, TIMED, 2)
+    link.sender.send(2, data2)
+    link.run_until_idle()
+    assert rx.take(2).same_bytes(data2) and all_free(link)

@@ -1,0 +1,202 @@
+"""Mooncake ``TransferEngine`` data plane: registered buffers, batched writes of extents.
+
+Facts this module is built on (measured on these machines, see the README):
+* every engine call returns an int, 0 for success, negative for failure — it never raises;
+* a write to a hung peer blocks for ``MC_TRANSFER_TIMEOUT`` (>= 5 s), so writes run on
+  worker threads, never on the control loop;
+* a write outside the peer's registered range fails (-1) and can leave that TCP lane
+  broken, so every remote range is checked against the peer's pool first, and a failed
+  write is retried once (rewriting rows to slots the room still owns is safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import attrs
+import torch
+
+from embxfer.core import PoolLayout, WriteRows
+from embxfer.specs.schemas import AUX_WORDS
+
+from .buffers import PoolBuffers, SourceRows
+
+INSTALL_HINT = (
+    "install it with `pip install 'embxfer[mooncake]'` (CPU-only hosts: "
+    "`pip install mooncake-transfer-engine-non-cuda` and `apt-get install -y libibverbs1`)"
+)
+
+
+class MooncakeUnavailable(RuntimeError):
+    """The engine cannot be imported or initialised; the message says how to fix it."""
+
+
+@contextlib.contextmanager
+def _quiet_stderr(quiet: bool) -> Iterator[None]:
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def load_transfer_engine() -> Any:
+    try:
+        from mooncake.engine import TransferEngine
+    except (ImportError, OSError) as error:
+        raise MooncakeUnavailable(f"Mooncake transfer engine is not available ({error}); {INSTALL_HINT}") from None
+    return TransferEngine
+
+
+class MooncakeEngine:
+    """One ``TransferEngine`` per process, in P2P handshake mode (no metadata server)."""
+
+    def __init__(self, host: str = "127.0.0.1", protocol: str = "tcp", device: str = "", verbose: bool = False) -> None:
+        if not verbose:
+            os.environ.setdefault("MC_LOG_LEVEL", "ERROR")  # glog is chatty; read at engine creation
+        engine_class = load_transfer_engine()
+        with _quiet_stderr(not verbose):
+            # even at ERROR, glog prints two harmless lines at start-up; the rc says if it failed
+            self.engine = engine_class()
+            rc = self.engine.initialize(host, "P2PHANDSHAKE", protocol, device)
+        if rc != 0:
+            raise MooncakeUnavailable(
+                f"Mooncake failed to initialise (initialize returned {rc}) for protocol {protocol!r}"
+                f"{' device ' + repr(device) if device else ''} on {host}"
+            )
+        self.protocol = protocol
+        self.session_id = f"{host}:{self.engine.get_rpc_port()}"
+        self._registered: dict[int, int] = {}
+
+    def register(self, tensor: torch.Tensor) -> None:
+        address, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        rc = self.engine.register_memory(address, nbytes)
+        if rc != 0:
+            raise MooncakeUnavailable(f"register_memory of {nbytes} bytes returned {rc}")
+        self._registered[address] = nbytes
+
+    def unregister(self, tensor: torch.Tensor) -> None:
+        address = tensor.data_ptr()
+        if self._registered.pop(address, None) is not None:
+            self.engine.unregister_memory(address)
+
+    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
+        """One batch; retried once on failure.  Returns the engine's code (0 = written)."""
+        rc = int(self.engine.batch_transfer_sync_write(target, local, remote, lengths))
+        if rc != 0:
+            rc = int(self.engine.batch_transfer_sync_write(target, local, remote, lengths))
+        return rc
+
+
+def register_pool(engine: MooncakeEngine, pool: PoolBuffers) -> None:
+    for tensor in (pool.embeddings, pool.fill_ids, pool.mrope, pool.aux):
+        engine.register(tensor)
+
+
+def layout_of(pool: PoolBuffers, rank: int) -> PoolLayout:
+    return PoolLayout(
+        rank, pool.fill_ids.shape[0], pool.embeddings.data_ptr(), pool.fill_ids.data_ptr(),
+        pool.mrope.data_ptr(), pool.aux.data_ptr(),
+    )
+
+
+@attrs.define
+class _Staged:
+    source: SourceRows
+    aux: torch.Tensor
+
+
+class MooncakeWriter:
+    """The sender's data plane: stage rows, write rounds on worker threads, report back.
+
+    ``on_done(write, error)`` is called from a worker thread; the caller hands it to its
+    control loop (it must not touch the core from there).
+    """
+
+    def __init__(self, engine: MooncakeEngine, block_size: int, workers: int = 4) -> None:
+        self.engine = engine
+        self.block_size = block_size
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embxfer-write")
+        self._staged: dict[int, _Staged] = {}
+
+    def stage(self, room: int, source: SourceRows) -> None:
+        aux = torch.zeros(AUX_WORDS, dtype=torch.int64)
+        for tensor in (source.embeddings, source.fill_ids, source.mrope, aux):
+            self.engine.register(tensor)
+        self._staged[room] = _Staged(source, aux)
+
+    def release(self, room: int) -> None:
+        staged = self._staged.pop(room, None)
+        if staged is not None:
+            for tensor in (staged.source.embeddings, staged.source.fill_ids, staged.source.mrope, staged.aux):
+                self.engine.unregister(tensor)
+
+    def submit(self, write: WriteRows, target: str, layout: PoolLayout,
+               on_done: Callable[[WriteRows, "str | None"], None]) -> None:
+        staged = self._staged.get(write.room)
+        if staged is None:
+            on_done(write, "no staged rows for the room")
+            return
+        try:
+            batch = self._batch(write, staged, layout)
+        except ValueError as error:
+            on_done(write, str(error))
+            return
+
+        def run() -> None:
+            try:
+                rc = self.engine.write(target, *batch)
+                on_done(write, None if rc == 0 else f"mooncake batch_transfer_sync_write returned {rc} (after one retry)")
+            except Exception as error:  # the worker must survive anything the engine does
+                on_done(write, f"mooncake write raised {type(error).__name__}: {error}")
+
+        self._pool.submit(run)
+
+    def _batch(self, write: WriteRows, staged: _Staged, layout: PoolLayout) -> tuple[list[int], list[int], list[int]]:
+        source = staged.source
+        emb_row = source.embeddings.shape[1] * source.embeddings.element_size()
+        kinds = (
+            (source.embeddings.data_ptr(), layout.embeddings_addr, emb_row),
+            (source.fill_ids.data_ptr(), layout.fill_ids_addr, 8),
+            (source.mrope.data_ptr(), layout.mrope_addr, 24),
+        )
+        local: list[int] = []
+        remote: list[int] = []
+        lengths: list[int] = []
+        for first_slot, token_offset, length in write.runs:
+            if first_slot < 0 or first_slot + length > layout.pool_slots:
+                raise ValueError(f"slots {first_slot}..{first_slot + length} outside the peer's pool of {layout.pool_slots}")
+            token = write.sent_tokens + token_offset
+            if token + length > source.num_tokens:
+                raise ValueError(f"tokens {token}..{token + length} outside the room's {source.num_tokens} rows")
+            for local_base, remote_base, row in kinds:
+                local.append(local_base + token * row)
+                remote.append(remote_base + first_slot * row)
+                lengths.append(length * row)
+        if write.aux is not None and write.aux_block is not None:
+            if not 0 <= write.aux_block * self.block_size < layout.pool_slots:
+                raise ValueError(f"aux block {write.aux_block} outside the peer's pool")
+            staged.aux.copy_(torch.tensor(write.aux.to_words(), dtype=torch.int64))
+            local.append(staged.aux.data_ptr())
+            remote.append(layout.aux_addr + write.aux_block * AUX_WORDS * 8)
+            lengths.append(AUX_WORDS * 8)
+        return local, remote, lengths
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for room in list(self._staged):
+            self.release(room)
+

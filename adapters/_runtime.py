@@ -119,6 +119,9 @@ class _Runtime:
     def _after_wake(self) -> None:
         pass
 
+    def _on_frames(self, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_write, b"\0")
@@ -162,14 +165,17 @@ class _Runtime:
         with self.lock:
             return {**self.endpoint.stats, **self.counters}
 
-    def close(self, reason: str = "shutdown") -> None:
-        """Fail every room still in flight with ``reason``, tell peers, free blocks, stop."""
+    def close(self, reason: str = "shutdown") -> int:
+        """Fail every room still in flight with ``reason``, tell peers, free blocks, stop.
+        Returns the number of rooms it failed."""
         with self.lock:
             if self._stopping:
-                return
+                return 0
             now = time.monotonic()
+            aborted = 0
             for room, record in list(self.endpoint.rooms.items()):
                 if record.state not in TERMINAL_STATES:
+                    aborted += 1
                     self._outbox.extend(self.endpoint.abort(room, now, reason=reason))
             self._close_endpoint()
             while self._outbox:
@@ -184,6 +190,7 @@ class _Runtime:
         self.context.term()
         os.close(self._wake_read)
         os.close(self._wake_write)
+        return aborted
 
     def _close_endpoint(self) -> None:
         pass

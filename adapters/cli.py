@@ -1,8 +1,9 @@
-"""The ``embxfer`` command line: ``demo`` and ``diagram``."""
+"""The ``embxfer`` command line: ``demo``, ``serve-encode``, ``serve-language``, ``diagram``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -12,6 +13,8 @@ from typing import Any
 from embxfer.core import Poll, ProtocolError, Settings
 
 from ._loopback import connect_loopback
+from ._serve import add_settings_flags, serve_encode, serve_language
+from ._spawn import run_two_process_demo
 from .workload import room_data
 
 
@@ -20,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run a verified workload of rooms end to end")
-    demo.add_argument("--transport", choices=["loopback"], default="loopback",
-                      help="loopback: sender and receivers simulated in this process")
+    demo.add_argument("--transport", choices=["mooncake", "loopback"], default="mooncake",
+                      help="mooncake (default): an encode and a language process over ZeroMQ + Mooncake TCP "
+                           "on 127.0.0.1; loopback: both sides simulated in this process")
+    demo.add_argument("--verbose", action="store_true", help="show Mooncake's own log lines")
     demo.add_argument("--rooms", type=int, default=36, help="rooms to transfer (default 36)")
     demo.add_argument("--in-flight", type=int, default=6, help="rooms in flight at once (default 6)")
     demo.add_argument("--receivers", type=int, default=1, help="receiver ranks (required_dst_info_num)")
@@ -31,6 +36,35 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    encode = commands.add_parser("serve-encode", help="run the encode side (sender) until Ctrl-C")
+    encode.add_argument("--bootstrap-port", type=int, default=8001, help="0 picks a free port (printed)")
+    encode.add_argument("--host", default="127.0.0.1")
+    encode.add_argument("--protocol", choices=["tcp", "rdma"], default="tcp")
+    encode.add_argument("--device", default="", help="RDMA device, e.g. mlx5_0")
+    encode.add_argument("--synthetic-seed", type=int, default=None,
+                        help="answer every room with deterministic synthetic rows")
+    encode.add_argument("--json", action="store_true")
+    encode.add_argument("--no-progress", action="store_true")
+    encode.add_argument("--verbose", action="store_true")
+    add_settings_flags(encode)
+
+    language = commands.add_parser("serve-language", help="run the language side (receiver) for N rooms")
+    language.add_argument("--bootstrap-addr", required=True, help="host:port of serve-encode")
+    language.add_argument("--requests", type=int, required=True)
+    language.add_argument("--verify", action="store_true", help="check every row against the synthetic seed")
+    language.add_argument("--synthetic-seed", type=int, default=1)
+    language.add_argument("--in-flight", type=int, default=32)
+    language.add_argument("--first-room", type=int, default=0)
+    language.add_argument("--rank", type=int, default=0)
+    language.add_argument("--required-dst-info-num", type=int, default=1)
+    language.add_argument("--host", default="127.0.0.1", help="this side's data-plane address")
+    language.add_argument("--protocol", choices=["tcp", "rdma"], default="tcp")
+    language.add_argument("--device", default="")
+    language.add_argument("--json", action="store_true")
+    language.add_argument("--no-progress", action="store_true")
+    language.add_argument("--verbose", action="store_true")
+    add_settings_flags(language)
+
     diagram = commands.add_parser("diagram", help="print the mermaid state diagrams")
     diagram.add_argument("--write", action="store_true", help="rewrite specs/diagrams/*.mmd")
 
@@ -38,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command in ("serve-encode", "serve-language"):
+            code = (serve_encode if args.command == "serve-encode" else serve_language)(args)
+            # Mooncake's engine can abort the interpreter while it is torn down at exit
+            # (and takes ~1 s doing it); the sockets are closed and the summary is out.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         return _diagram(args)
     except ProtocolError as error:
         print(f"embxfer: {error}", file=sys.stderr)
@@ -62,7 +103,11 @@ def _demo(args: argparse.Namespace) -> int:
     settings = Settings.from_env(
         pool_blocks=args.pool_blocks, hidden_size=args.hidden_size, dtype=args.dtype,
     )
-    summary = run_loopback_workload(settings, args.rooms, args.in_flight, args.receivers, args.seed)
+    summary = None
+    if args.transport == "mooncake":
+        summary = run_two_process_demo(settings, args.rooms, args.in_flight, args.receivers, args.seed, args.verbose)
+    if summary is None:
+        summary = run_loopback_workload(settings, args.rooms, args.in_flight, args.receivers, args.seed)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:

@@ -1,0 +1,162 @@
+"""The two serving processes: ``serve-encode`` (sender) and ``serve-language`` (receiver)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from embxfer.core import Poll, Settings
+from embxfer.transports.mooncake import MooncakeUnavailable
+
+from ._runtime import EncodeServer, LanguageClient
+from .workload import room_data
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, *, pool_blocks: int = 64) -> None:
+    group = parser.add_argument_group("protocol settings (must agree on both sides)")
+    group.add_argument("--block-size", type=int, default=None)
+    group.add_argument("--default-blocks", type=int, default=None)
+    group.add_argument("--pool-blocks", type=int, default=pool_blocks)
+    group.add_argument("--hidden-size", type=int, default=256)
+    group.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+
+
+def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {k: v for k, v in (("block_size", args.block_size), ("default_blocks", args.default_blocks)) if v is not None}
+    return Settings.from_env(pool_blocks=args.pool_blocks, hidden_size=args.hidden_size, dtype=args.dtype, **overrides, **extra)
+
+
+def _progress(total: int | None, desc: str, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:  # the bar is optional (embxfer[progress])
+        return None
+    return tqdm(total=total, desc=desc, unit="room", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+class _Stop:
+    """Ctrl-C / SIGTERM set an event the main thread waits on; the I/O thread is untouched."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.event.set())
+
+
+def serve_encode(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    stop = _Stop()
+    try:
+        server = EncodeServer(settings, host=args.host, bootstrap_port=args.bootstrap_port, protocol=args.protocol,
+                              device=args.device, synthetic_seed=args.synthetic_seed, verbose=args.verbose)
+    except MooncakeUnavailable as error:
+        print(f"embxfer: {error}", file=sys.stderr)
+        return 3
+    print(f"embxfer serve-encode: ready on {server.bootstrap_addr} (data plane mooncake/{args.protocol}, "
+          f"session {server.engine.session_id})", flush=True)
+    bar = _progress(None, "encode rooms", not args.no_progress)
+    shown = 0
+    started = time.monotonic()
+    while not stop.event.is_set():
+        stop.event.wait(0.2)  # the UI thread's refresh tick; the protocol never waits on it
+        done = server.stats().get("rooms_finished", 0)
+        if bar is not None and done > shown:
+            bar.update(done - shown)
+            shown = done
+    in_flight = server.rooms_in_flight()
+    server.close(reason="shutdown")
+    stats = server.stats()
+    if bar is not None:
+        bar.close()
+    summary = {
+        "role": "encode", "seconds": round(time.monotonic() - started, 3),
+        "succeeded": stats.get("rooms_succeeded", 0), "failed": stats.get("rooms_failed", 0),
+        "failed_at_shutdown": in_flight, "rows_written": stats.get("bytes_rows_written", 0),
+        "sources_held": server.sources_held(),
+        "dropped": {k: v for k, v in stats.items() if k.endswith("_dropped")},
+    }
+    print(json.dumps(summary) if args.json else
+          f"embxfer serve-encode: {summary['succeeded']} rooms succeeded, {summary['failed']} failed "
+          f"({in_flight} in flight at shutdown), {summary['rows_written']} rows written, "
+          f"{summary['sources_held']} sources held", flush=True)
+    return 0
+
+
+def serve_language(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    stop = _Stop()
+    try:
+        client = LanguageClient(settings, args.bootstrap_addr, rank=args.rank,
+                                required_dst_info_num=args.required_dst_info_num, protocol=args.protocol,
+                                device=args.device, host=args.host, verbose=args.verbose)
+    except MooncakeUnavailable as error:
+        print(f"embxfer: {error}", file=sys.stderr)
+        return 3
+    except ConnectionError as error:
+        print(f"embxfer serve-language: {error}", file=sys.stderr)
+        return 2
+    bar = _progress(args.requests, f"language rank {args.rank}", not args.no_progress)
+    rooms = list(range(args.first_room, args.first_room + args.requests))
+    pending = list(rooms)
+    active: list[int] = []
+    succeeded = failed = wrong = 0
+    reasons: Counter[str] = Counter()
+    rounds: Counter[int] = Counter()
+    byte_count = 0
+    started = time.monotonic()
+    while (pending or active) and not stop.event.is_set():
+        while pending and len(active) < args.in_flight:
+            room = pending.pop(0)
+            client.init(room)
+            active.append(room)
+        room = active.pop(0)
+        state = client.wait(room, timeout=1.0)
+        if state not in (Poll.Success, Poll.Failed):
+            active.append(room)  # not yet: check the others, come back (Ctrl-C is seen here)
+            continue
+        if state == Poll.Success:
+            data = client.take(room)
+            if args.verify and not data.same_bytes(room_data(args.synthetic_seed, room, settings)):
+                wrong += 1
+            byte_count += data.embeddings.numel() * data.embeddings.element_size() + data.num_tokens * 32
+            succeeded += 1
+        else:
+            failed += 1
+            reasons[client.failure(room)] += 1
+            client.forget(room)
+        if bar is not None:
+            bar.update(1)
+    interrupted = stop.event.is_set()
+    for key, count in client.stats().items():
+        if key.startswith("resume_rounds:"):
+            rounds[int(key.split(":")[1])] += count
+    aborted = client.close(reason="shutdown")
+    if bar is not None:
+        bar.close()
+    elapsed = time.monotonic() - started
+    summary = {
+        "role": "language", "rank": args.rank, "requests": args.requests, "succeeded": succeeded,
+        "failed": failed + (len(active) + len(pending) if interrupted else 0), "wrong_rows": wrong,
+        "verified": bool(args.verify), "failure_reasons": dict(reasons),
+        "resume_rounds_histogram": {str(k): rounds[k] for k in sorted(rounds)},
+        "bytes": byte_count, "seconds": round(elapsed, 3),
+        "mb_per_s": round(byte_count / elapsed / 1e6, 1) if elapsed > 0 else 0.0,
+        "leaked_blocks": settings.pool_blocks - client.free_blocks(), "interrupted": interrupted,
+        "aborted_at_shutdown": aborted,
+    }
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(f"embxfer serve-language rank {args.rank}: {succeeded}/{args.requests} rooms succeeded, {summary['failed']} failed, "
+              f"{wrong} with wrong rows{' (verified)' if args.verify else ''}; {byte_count / 1e6:.1f} MB in {elapsed:.2f} s; "
+              f"resume rounds {summary['resume_rounds_histogram']}; leaked blocks {summary['leaked_blocks']}", flush=True)
+        if reasons:
+            print(f"  failures: {dict(reasons)}", flush=True)
+    ok = succeeded == args.requests and wrong == 0 and summary["leaked_blocks"] == 0
+    return 0 if ok else 1

@@ -12,6 +12,7 @@ from typing import Any
 
 from embxfer.core import Poll, ProtocolError, Settings
 
+from . import bench as bench_parser
 from ._loopback import connect_loopback
 from ._serve import add_settings_flags, serve_encode, serve_language
 from ._spawn import run_two_process_demo
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     language.add_argument("--verbose", action="store_true")
     add_settings_flags(language)
 
+    bench_parser.add_parser(commands)
+
     diagram = commands.add_parser("diagram", help="print the mermaid state diagrams")
     diagram.add_argument("--write", action="store_true", help="rewrite specs/diagrams/*.mmd")
 
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "bench":
+            return bench_parser.main(args)
         if args.command in ("serve-encode", "serve-language"):
             code = (serve_encode if args.command == "serve-encode" else serve_language)(args)
             # Mooncake's engine can abort the interpreter while it is torn down at exit

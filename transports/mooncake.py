@@ -55,7 +55,7 @@ def _quiet_stderr(quiet: bool) -> Iterator[None]:
 
 def load_transfer_engine() -> Any:
     try:
-        from mooncake.engine import TransferEngine  # type: ignore[import-not-found,unused-ignore]
+        from mooncake.engine import TransferEngine  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except (ImportError, OSError) as error:
         raise MooncakeUnavailable(f"Mooncake transfer engine is not available ({error}); {INSTALL_HINT}") from None
     return TransferEngine

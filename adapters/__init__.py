@@ -14,7 +14,8 @@ from embxfer.transports.buffers import EmbeddingData
 
 from ._local import LocalLink, connect_local
 from ._loopback import LoopbackLink, ReceiverHandle, SenderHandle, connect_loopback
-from ._runtime import EncodeServer, LanguageClient
+from ._encode import EncodeServer
+from ._language import LanguageClient
 
 __all__ = [
     "EmbeddingData",

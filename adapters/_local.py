@@ -7,7 +7,8 @@ from typing import Any
 
 from embxfer.core import LocalProtocolError, Poll, Settings
 
-from ._runtime import EncodeServer, LanguageClient
+from ._encode import EncodeServer
+from ._language import LanguageClient
 
 
 class LocalLink:

@@ -13,25 +13,23 @@ from typing import Any
 
 from embxfer.core import (
     Action,
-    AuxHeader,
-    CollectRows,
     DecodeError,
     LocalProtocolError,
     Poll,
     Receiver,
     ReleaseSource,
     RoomFailedError,
-    RoomFinished,
     SendMessage,
     Sender,
     Settings,
     WriteRows,
     decode,
     encode,
-    slot_runs,
 )
-from embxfer.transports.buffers import Assembly, EmbeddingData, PoolBuffers, SourceRows
+from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.loopback import LoopbackNetwork, Packet
+
+from ._rows import RowSink
 
 SENDER = "sender"
 
@@ -151,9 +149,8 @@ class ReceiverHandle(_Handle):
         self.rank = rank
         self.name = receiver_name(rank)
         self.endpoint = Receiver(link.settings, rank=rank, required_dst_info_num=required)
-        self.buffers = PoolBuffers(link.settings)
-        self.assemblies: dict[int, Assembly] = {}
-        self.results: dict[int, EmbeddingData] = {}
+        self.rows = RowSink(link.settings)
+        self.buffers = self.rows.buffers
         self.network.attach(self.name, self._on_packet, self._on_tick)
 
     @property
@@ -169,12 +166,7 @@ class ReceiverHandle(_Handle):
 
     def take(self, room: int) -> EmbeddingData:
         """The room's rows, exactly as sent; the room is forgotten afterwards."""
-        state = self.endpoint.poll(room)
-        if state != Poll.Success:
-            raise LocalProtocolError(f"room {room} is {state.name}: {self.endpoint.failure(room)}", field="room")
-        result = self.results.pop(room)
-        self.endpoint.forget(room)
-        return result
+        return self.rows.take(self.endpoint, room)
 
     def check_ownership(self, write: WriteRows) -> None:
         """Every slot a write touches must belong to a live allocation of that room."""
@@ -193,32 +185,14 @@ class ReceiverHandle(_Handle):
         message = self._decode(packet)
         if message is None:
             return
-        aux: AuxHeader | None = None
-        aux_error = ""
-        if getattr(message, "round", None) == 0 and type(message).__name__ == "Status":
-            try:
-                aux = self.buffers.read_aux(self.endpoint.aux_block(message.room))
-            except LocalProtocolError:
-                pass  # not waiting for round 0: the endpoint drops it as late or duplicate
-            except DecodeError as error:
-                aux_error = str(error)
+        aux, aux_error = self.rows.aux_for(self.endpoint, message)
         self._run(self.endpoint.receive(message, self.network.now, aux, aux_error=aux_error))
 
     def _execute(self, action: Action) -> list[Action] | None:
         if isinstance(action, SendMessage):
             self.network.send(self.name, SENDER, encode(action.message))
-        elif isinstance(action, CollectRows):
-            assembly = self.assemblies.get(action.room)
-            if assembly is None:
-                assembly = self.assemblies[action.room] = Assembly(action.aux, self.link.settings)
-            runs = slot_runs(action.allocation.extents, action.allocation.block_size, action.num_tokens)
-            assembly.collect(self.buffers, runs, action.sent_tokens)
-            if action.round == 0:
-                self.buffers.clear_aux(action.allocation.extents[0][0])
-        elif isinstance(action, RoomFinished):
-            assembly = self.assemblies.pop(action.room, None)
-            if action.poll == Poll.Success and assembly is not None:
-                self.results[action.room] = assembly.result()
+        else:
+            self.rows.execute(action)
         return None
 
 

@@ -14,7 +14,8 @@ from typing import Any
 from embxfer.core import Poll, Settings
 from embxfer.transports.mooncake import MooncakeUnavailable
 
-from ._runtime import EncodeServer, LanguageClient
+from ._encode import EncodeServer
+from ._language import LanguageClient
 from .workload import room_data
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, Phase, settings as hyp_settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from embxfer.core import Poll, Settings
 from embxfer.specs import invariants

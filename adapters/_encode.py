@@ -1,0 +1,151 @@
+"""The encode side on real wires: a sender endpoint, the bootstrap/control ROUTER socket
+and Mooncake writes on worker threads."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import zmq
+
+from embxfer.core import (
+    Action, DecodeError, Init, LocalProtocolError, PoolLayout, Register, Registered, ReleaseSource,
+    RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, decode, encode,
+)
+from embxfer.specs.tables import TERMINAL_STATES
+from embxfer.transports.buffers import EmbeddingData, SourceRows
+from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
+
+from ._runtime import _Runtime
+
+
+class EncodeServer(_Runtime):
+    """The encode side: a sender endpoint, the bootstrap/control ROUTER socket, Mooncake writes.
+
+    ``synthetic_seed`` makes it answer every new room with ``room_data(seed, room)``, as
+    ``embxfer serve-encode --synthetic-seed`` does.
+    """
+
+    def __init__(self, settings: Settings, *, host: str = "127.0.0.1", bootstrap_port: int = 0,
+                 protocol: str = "tcp", device: str = "", synthetic_seed: int | None = None,
+                 verbose: bool = False, engine: MooncakeEngine | None = None) -> None:
+        super().__init__(settings, "encode")
+        self.endpoint = Sender(settings)
+        self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
+        self.writer = MooncakeWriter(self.engine, settings.block_size)
+        self.synthetic_seed = synthetic_seed
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if bootstrap_port:
+            self.socket.bind(f"tcp://{host}:{bootstrap_port}")
+            self.port = bootstrap_port
+        else:
+            self.port = self.socket.bind_to_random_port(f"tcp://{host}")
+        self.bootstrap_addr = f"{host}:{self.port}"
+        self._identities: dict[int, bytes] = {}
+        self._layouts: dict[int, PoolLayout] = {}
+        self._sessions: dict[int, str] = {}
+        self._sources: dict[int, SourceRows] = {}
+        self._completions: queue.SimpleQueue[tuple[WriteRows, str | None]] = queue.SimpleQueue()
+        self._thread.start()
+
+    def send(self, room: int, data: EmbeddingData) -> None:
+        """The embedding of ``room`` is ready."""
+        if not isinstance(data, EmbeddingData):
+            raise LocalProtocolError("data must be an EmbeddingData", field="data")
+        data.check_fits(self.settings)
+        with self.lock:
+            self._send_locked(room, data)
+
+    def _send_locked(self, room: int, data: EmbeddingData) -> None:
+        if room in self._sources:
+            raise LocalProtocolError(f"room {room} already has its data", field="room")
+        source = SourceRows(data)
+        try:
+            actions = self.endpoint.send(room, data.num_tokens, data.mrope_position_delta, time.monotonic())
+        except RoomFailedError as error:
+            self._hand_over(error.actions)
+            raise
+        if not any(isinstance(a, ReleaseSource) and a.room == room for a in actions):
+            self._sources[room] = source
+            self.writer.stage(room, source)
+        self._hand_over(actions)
+
+    def forget(self, room: int) -> None:
+        with self.lock:
+            self.endpoint.forget(room)
+
+    def sources_held(self) -> int:
+        """Rooms whose source rows are still staged (0 once every room has ended)."""
+        with self.lock:
+            return len(self._sources)
+
+    def rooms_in_flight(self) -> int:
+        with self.lock:
+            return self.endpoint.busy_rooms()
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            raise DecodeError("frames", "no routing identity")
+        identity, payload = frames[0], frames[1:]
+        message = decode(payload, block_size=self.settings.block_size)
+        now = time.monotonic()
+        rank = getattr(message, "rank", None)
+        if isinstance(message, Register):
+            self._identities[message.rank] = identity
+            self._sessions[message.rank] = message.session_id
+            self._run(self.endpoint.receive(message, now))
+            reason = self.endpoint.rejected_peers.get(message.rank, "")
+            reply = Registered(self.endpoint.incarnation, 0 if reason else 1, self.engine.session_id, reason[:512])
+            self.socket.send_multipart([identity, *encode(reply)])
+            return
+        if isinstance(message, PoolLayout):
+            self._layouts[message.rank] = message
+            return
+        if rank is not None:
+            self._identities[rank] = identity
+        self._run(self.endpoint.receive(message, now))
+        if isinstance(message, Init) and self.synthetic_seed is not None and message.room not in self._sources:
+            record = self.endpoint.rooms.get(message.room)
+            if record is not None and record.state not in TERMINAL_STATES and record.aux is None:
+                from .workload import room_data
+
+                self._send_locked(message.room, room_data(self.synthetic_seed, message.room, self.settings))
+
+    def _after_wake(self) -> None:
+        while True:
+            try:
+                write, error = self._completions.get_nowait()
+            except queue.Empty:
+                return
+            self._guarded(lambda: self._run(
+                self.endpoint.write_done(write.room, write.rank, write.round, time.monotonic(), error)))
+
+    def _on_write_done(self, write: WriteRows, error: str | None) -> None:
+        self._completions.put((write, error))  # worker thread: hand over, never touch the core
+        self._wake()
+
+    def _execute(self, action: Action) -> list[Action] | None:
+        if isinstance(action, SendMessage):
+            identity = self._identities.get(action.rank) if action.rank is not None else None
+            if identity is None:
+                self.counters["unroutable_messages"] += 1
+            else:
+                self.socket.send_multipart([identity, *encode(action.message)])
+        elif isinstance(action, WriteRows):
+            layout = self._layouts.get(action.rank)
+            session = self._sessions.get(action.rank)
+            if layout is None or session is None:
+                return self.endpoint.write_done(action.room, action.rank, action.round, time.monotonic(),
+                                                f"rank {action.rank} sent no pool layout")  # type: ignore[no-any-return]
+            self.writer.submit(action, session, layout, self._on_write_done)
+        elif isinstance(action, ReleaseSource):
+            self._sources.pop(action.room, None)
+            self.writer.release(action.room)
+        elif isinstance(action, RoomFinished):
+            self.counters["rooms_finished"] += 1
+        return None
+
+    def _close_endpoint(self) -> None:
+        self.writer.close()
+        self._after_wake()

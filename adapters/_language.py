@@ -1,0 +1,90 @@
+"""The language side on real wires: a receiver endpoint with its registered pool, over a
+ZeroMQ DEALER socket to the encode side's bootstrap port."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq
+
+from embxfer.core import Action, Registered, SendMessage, Receiver, Settings, decode, encode
+from embxfer.transports.buffers import EmbeddingData
+from embxfer.transports.mooncake import MooncakeEngine, layout_of, register_pool
+
+from ._rows import RowSink
+from ._runtime import _Runtime
+
+
+class LanguageClient(_Runtime):
+    """The language side: a receiver endpoint with its registered pool, over ZeroMQ."""
+
+    def __init__(self, settings: Settings, bootstrap_addr: str, *, rank: int = 0, required_dst_info_num: int = 1,
+                 protocol: str = "tcp", device: str = "", host: str = "127.0.0.1", verbose: bool = False,
+                 engine: MooncakeEngine | None = None, connect_timeout: float | None = None) -> None:
+        super().__init__(settings, f"language{rank}")
+        self.endpoint = Receiver(settings, rank=rank, required_dst_info_num=required_dst_info_num)
+        self.rank = rank
+        self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
+        self.rows = RowSink(settings)
+        self.buffers = self.rows.buffers
+        register_pool(self.engine, self.buffers)
+        self.registration: Registered | None = None
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.connect(f"tcp://{bootstrap_addr}")
+        self.socket.send_multipart(encode(self.endpoint.register_message(endpoint=bootstrap_addr, session_id=self.engine.session_id)))
+        self.socket.send_multipart(encode(layout_of(self.buffers, rank)))
+        self._thread.start()
+        timeout = settings.bootstrap_timeout if connect_timeout is None else connect_timeout
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.registration is not None, timeout):
+                self.close(reason="bootstrap failed")
+                raise ConnectionError(f"no encode server answered at {bootstrap_addr} within {timeout:g} s")
+        assert self.registration is not None
+        if not self.registration.accepted:
+            reason = self.registration.reason
+            self.close(reason="registration rejected")
+            raise ConnectionError(f"the encode server at {bootstrap_addr} rejected us: {reason}")
+
+    @property
+    def allocator(self) -> Any:
+        return self.endpoint.allocator
+
+    def init(self, room: int) -> None:
+        with self.lock:
+            self._hand_over(self.endpoint.init(room, time.monotonic()))
+
+    def take(self, room: int) -> EmbeddingData:
+        with self.lock:
+            return self.rows.take(self.endpoint, room)
+
+    def forget(self, room: int) -> None:
+        with self.lock:
+            self.rows.results.pop(room, None)
+            self.endpoint.forget(room)
+
+    def free_blocks(self) -> int:
+        with self.lock:
+            return int(self.endpoint.allocator.free_blocks)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        message = decode(frames, block_size=self.settings.block_size)
+        now = time.monotonic()
+        if isinstance(message, Registered):
+            self.registration = message
+            if message.accepted:
+                self._run(self.endpoint.peer_connected(now))
+            return
+        aux, aux_error = self.rows.aux_for(self.endpoint, message)
+        self._run(self.endpoint.receive(message, now, aux, aux_error=aux_error))
+
+    def _execute(self, action: Action) -> list[Action] | None:
+        if isinstance(action, SendMessage):
+            self.socket.send_multipart(encode(action.message))
+        else:
+            self.rows.execute(action)
+        return None
+
+    def _close_endpoint(self) -> None:
+        # shutting down: nothing will write our pool after we exit, so quarantine ends now
+        self.endpoint.release_quarantine()

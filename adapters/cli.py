@@ -68,6 +68,17 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_parser.add_parser(commands)
 
+    check = commands.add_parser("check", help="explore every interleaving of the real core (bounded)")
+    check.add_argument("--receivers", type=int, default=1)
+    check.add_argument("--lengths", type=int, nargs="+", default=[5],
+                       help="tokens per room (block size 2, default guess 1 block, pool 2 blocks)")
+    check.add_argument("--drops", type=int, default=1)
+    check.add_argument("--duplicates", type=int, default=1)
+    check.add_argument("--aborts", type=int, default=1)
+    check.add_argument("--crashes", type=int, default=0)
+    check.add_argument("--depth", type=int, default=60, help="longest event sequence explored")
+    check.add_argument("--max-states", type=int, default=2_000_000)
+
     diagram = commands.add_parser("diagram", help="print the mermaid state diagrams")
     diagram.add_argument("--write", action="store_true", help="rewrite specs/diagrams/*.mmd")
 
@@ -77,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "bench":
             return bench_parser.main(args)
+        if args.command == "check":
+            return _check(args)
         if args.command in ("serve-encode", "serve-language"):
             code = (serve_encode if args.command == "serve-encode" else serve_language)(args)
             # Mooncake's engine can abort the interpreter while it is torn down at exit
@@ -88,6 +101,28 @@ def main(argv: list[str] | None = None) -> int:
     except ProtocolError as error:
         print(f"embxfer: {error}", file=sys.stderr)
         return 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    from embxfer.specs.checker import Config, explore
+
+    config = Config(receivers=args.receivers, lengths=tuple(args.lengths), drops=args.drops, duplicates=args.duplicates,
+                    aborts=args.aborts, crashes=args.crashes, max_depth=args.depth)
+    print(f"embxfer check — {args.receivers} receiver(s), room lengths {list(config.lengths)}, faults: "
+          f"{args.drops} drop, {args.duplicates} duplicate, {args.aborts} abort, {args.crashes} crash; depth <= {args.depth}")
+    result = explore(config, max_states=args.max_states)
+    print(f"  states explored {result.states}, deepest {result.depth} events, {result.seconds:.1f} s"
+          + (f", {result.truncated} states cut at the depth bound" if result.truncated else ""))
+    if result.violation:
+        print("  VIOLATION:")
+        for problem in result.violation:
+            print(f"    {problem}")
+        print("  shortest trace:")
+        for step, event in enumerate(result.trace or (), 1):
+            print(f"    {step:>2}. {' '.join(str(part) for part in event)}")
+        return 1
+    print("  no violation: every invariant held in every state; no deadlock; every room ended")
+    return 0
 
 
 def _diagram(args: argparse.Namespace) -> int:

@@ -85,6 +85,13 @@ class Receiver:
         deadlines = [d for d in (self._deadlines.next_deadline(), self._quarantine_deadlines.next_deadline()) if d is not None]
         return min(deadlines) if deadlines else None
 
+    def next_room_deadline(self) -> float | None:
+        """The earliest room timeout, leaving out quarantine expiries."""
+        return self._deadlines.next_deadline()
+
+    def next_quarantine_deadline(self) -> float | None:
+        return self._quarantine_deadlines.next_deadline()
+
     @property
     def quarantined_blocks(self) -> int:
         return sum(a.num_blocks for a in self._quarantine.values())

@@ -218,8 +218,10 @@ class Sender:
         record = self.rooms.get(message.room)
         if record is None and message.room in self._retired or record is not None and record.state in TERMINAL_STATES:
             self.stats["late_dropped"] += 1
-            if record is None or record.state == FAILED:
-                # tell the receiver now rather than let it wait for its own timeout
+            dest = record.destinations.get(message.rank) if record is not None else None
+            if (record is None or record.state == FAILED) and not (dest is not None and dest.writing):
+                # tell the receiver now rather than let it wait for its own timeout (but never
+                # while a write to it is in flight: that abort goes out once the write lands)
                 reason = record.reason if record is not None else "room already finished on the sender"
                 actions.append(SendMessage(Abort(message.room, message.rank, reason[:512]), message.rank))
             return actions

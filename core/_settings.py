@@ -46,7 +46,10 @@ class Settings:
     bootstrap_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
     waiting_timeout: float = attrs.field(default=120.0, validator=_positive_seconds)
     transfer_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
-    quarantine_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
+    # Must exceed bootstrap_timeout + waiting_timeout (plus delivery delay and the data
+    # plane's own transfer timeout): when an abort is lost, the sender's own timers must end
+    # its room before the receiver reuses quarantined blocks.  The checker proves it so.
+    quarantine_timeout: float = attrs.field(default=180.0, validator=_positive_seconds)
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
     heartbeat_misses: int = attrs.field(default=5, validator=_positive_int)
 

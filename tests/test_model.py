@@ -32,7 +32,7 @@ TestTwoReceivers.settings = settings(
 
 def test_run_model_accepts_user_settings():
     run_model(Settings(block_size=2, default_blocks=1, pool_blocks=1, hidden_size=4, dtype="bfloat16",
-                       bootstrap_timeout=3.0, waiting_timeout=3.0, transfer_timeout=3.0, quarantine_timeout=4.0),
+                       bootstrap_timeout=3.0, waiting_timeout=3.0, transfer_timeout=3.0, quarantine_timeout=7.0),
               max_examples=50)
 
 

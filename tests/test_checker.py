@@ -1,7 +1,6 @@
 """The exhaustive checker, at a CI bound: the real core holds every invariant in every
 interleaving; and the checker can fail — it finds a broken receiver with a shortest trace."""
 
-import pytest
 
 from embxfer.adapters.cli import main
 from embxfer.specs.checker import Config, explore
@@ -21,16 +20,7 @@ def test_two_receivers_with_a_crash():
     assert result.states > 100
 
 
-def test_checker_finds_a_receiver_that_frees_aborted_blocks_at_once(monkeypatch):
-    from embxfer.core import _receiver
-
-    original = _receiver.Receiver._fail
-
-    def free_at_once(self, record, trigger, reason, now, actions, *, sender_quiet=False):
-        original(self, record, trigger, reason, now, actions, sender_quiet=sender_quiet)
-        self._release_quarantine(record.room)
-
-    monkeypatch.setattr(_receiver.Receiver, "_fail", free_at_once)
+def test_checker_finds_a_receiver_that_frees_aborted_blocks_at_once(receiver_without_quarantine):
     result = explore(Config(lengths=(3,), drops=0, duplicates=0, aborts=1))
     assert result.violation and "write of room 0" in result.violation[0]
     assert ("abort", 0, 0) in result.trace and len(result.trace) <= 6

@@ -36,16 +36,7 @@ def test_run_model_accepts_user_settings():
               max_examples=50)
 
 
-def test_model_finds_a_receiver_that_frees_aborted_blocks_at_once(monkeypatch):
+def test_model_finds_a_receiver_that_frees_aborted_blocks_at_once(receiver_without_quarantine):
     """The model can fail: without quarantine a late write lands in reused blocks."""
-    from embxfer.core import _receiver
-
-    original = _receiver.Receiver._fail
-
-    def free_at_once(self, record, trigger, reason, now, actions, *, sender_quiet=False):
-        original(self, record, trigger, reason, now, actions, sender_quiet=sender_quiet)
-        self._release_quarantine(record.room)
-
-    monkeypatch.setattr(_receiver.Receiver, "_fail", free_at_once)
     with pytest.raises(AssertionError, match="write of room"):
         run_model(max_examples=3000, database=None, derandomize=True, shrink=False)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 
 CLI = [sys.executable, "-m", "embxfer.adapters.cli"]
 SETTINGS = ["--block-size", "16", "--default-blocks", "4", "--pool-blocks", "12", "--hidden-size", "32", "--dtype", "float16"]

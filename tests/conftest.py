@@ -1,0 +1,17 @@
+import pytest
+
+
+@pytest.fixture
+def receiver_without_quarantine(monkeypatch):
+    """A deliberately broken receiver: it frees an aborted room's blocks at once instead of
+    quarantining them, so a write still in flight can land in reused blocks.  The model and
+    the checker must both catch it."""
+    from embxfer.core import _receiver
+
+    original = _receiver.Receiver._fail
+
+    def free_at_once(self, record, trigger, reason, now, actions, *, sender_quiet=False):
+        original(self, record, trigger, reason, now, actions, sender_quiet=sender_quiet)
+        self._release_quarantine(record.room)
+
+    monkeypatch.setattr(_receiver.Receiver, "_fail", free_at_once)

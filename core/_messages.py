@@ -188,6 +188,7 @@ class AbortAck:
 
 @attrs.frozen
 class Heartbeat:
+    rank: int = attrs.field(validator=U32)
     incarnation: int = attrs.field(validator=U64)
     sequence: int = attrs.field(validator=U64)
 

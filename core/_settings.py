@@ -24,9 +24,16 @@ def _positive_seconds(instance: Any, attribute: attrs.Attribute, value: Any) -> 
         raise SettingsError(f"{attribute.name} must be a positive number of seconds, got {value!r}", field=attribute.name)
 
 
-def _dtype_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
-    if value not in DTYPE_NAMES:
-        raise SettingsError(f"{attribute.name} must be one of {', '.join(DTYPE_NAMES)}, got {value!r}", field=attribute.name)
+DATA_PLANES = ("mooncake", "zmq")
+PREALLOC_POLICIES = ("fixed", "adaptive")
+# str fields and the values each accepts
+CHOICES: dict[str, tuple[str, ...]] = {"dtype": DTYPE_NAMES, "data_plane": DATA_PLANES, "prealloc": PREALLOC_POLICIES}
+
+
+def _one_of(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    choices = CHOICES[attribute.name]
+    if value not in choices:
+        raise SettingsError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}", field=attribute.name)
 
 
 @attrs.frozen
@@ -42,7 +49,7 @@ class Settings:
     default_blocks: int = attrs.field(default=8, validator=_positive_int)
     pool_blocks: int = attrs.field(default=64, validator=_positive_int)
     hidden_size: int = attrs.field(default=1024, validator=_positive_int)
-    dtype: str = attrs.field(default="bfloat16", validator=_dtype_name)
+    dtype: str = attrs.field(default="bfloat16", validator=_one_of)
     bootstrap_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
     waiting_timeout: float = attrs.field(default=120.0, validator=_positive_seconds)
     transfer_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
@@ -52,6 +59,10 @@ class Settings:
     quarantine_timeout: float = attrs.field(default=180.0, validator=_positive_seconds)
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
     heartbeat_misses: int = attrs.field(default=5, validator=_positive_int)
+    # the data plane of the real transports: Mooncake (RDMA or TCP) or zero-copy ZeroMQ frames
+    data_plane: str = attrs.field(default="mooncake", validator=_one_of)
+    # the first allocation of a room: always ``default_blocks``, or learnt from recent rooms
+    prealloc: str = attrs.field(default="fixed", validator=_one_of)
 
     def __attrs_post_init__(self) -> None:
         if self.default_blocks > self.pool_blocks:
@@ -140,6 +151,7 @@ def _parse_env(name: str, raw: str, field: attrs.Attribute) -> Any:  # type: ign
         if not seconds > 0 or seconds == float("inf"):
             raise SettingsError(f"{name} must be a positive number of seconds, got {raw!r}", field=name)
         return seconds
-    if text not in DTYPE_NAMES:
-        raise SettingsError(f"{name} must be one of {', '.join(DTYPE_NAMES)}, got {raw!r}", field=name)
+    choices = CHOICES[field.name]
+    if text not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}", field=name)
     return text

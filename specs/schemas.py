@@ -53,8 +53,9 @@ MESSAGE_SCHEMAS: Final[dict[str, tuple[int, tuple[tuple[str, str], ...]]]] = {
     "Abort": (5, (("room", "u64"), ("rank", "u32"), ("reason", "str"))),
     # either way: the abort was seen; the sender of this ack never writes the room again
     "AbortAck": (6, (("room", "u64"), ("rank", "u32"))),
-    # either way: liveness, with the incarnation that tells a restarted peer apart
-    "Heartbeat": (7, (("incarnation", "u64"), ("sequence", "u64"))),
+    # either way: liveness, with the incarnation that tells a restarted peer apart; `rank`
+    # is the receiver rank of the link (the sender's heartbeat names its destination)
+    "Heartbeat": (7, (("rank", "u32"), ("incarnation", "u64"), ("sequence", "u64"))),
     # receiver -> sender, after Register on a real data plane: where its pool buffers live
     "PoolLayout": (8, (
         ("rank", "u32"), ("pool_slots", "u32"), ("embeddings_addr", "u64"), ("fill_ids_addr", "u64"),

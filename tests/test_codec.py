@@ -135,7 +135,7 @@ def statuses(draw: st.DrawFn) -> Status:
 
 aborts = st.builds(Abort, room=u64, rank=u32, reason=texts)
 abort_acks = st.builds(AbortAck, room=u64, rank=u32)
-heartbeats = st.builds(Heartbeat, incarnation=u64, sequence=u64)
+heartbeats = st.builds(Heartbeat, rank=u32, incarnation=u64, sequence=u64)
 pool_layouts = st.builds(
     PoolLayout, rank=u32, pool_slots=u32, embeddings_addr=u64, fill_ids_addr=u64, mrope_addr=u64, aux_addr=u64
 )
@@ -300,7 +300,7 @@ def test_wrong_number_of_frames(name: str) -> None:
         "Status": Status(7, 0, 0, 0, 300),
         "Abort": Abort(7, 0, "gone"),
         "AbortAck": AbortAck(7, 0),
-        "Heartbeat": Heartbeat(3, 4),
+        "Heartbeat": Heartbeat(0, 3, 4),
         "PoolLayout": PoolLayout(0, 512, 1 << 40, 2 << 40, 3 << 40, 4 << 40),
         "Registered": Registered(9, 1, "127.0.0.1:15001", ""),
     }[name]
@@ -319,7 +319,7 @@ def test_truncated_fixed_frame(cut: int) -> None:
 
 
 def test_overlong_fixed_frame() -> None:
-    frames = encode(Heartbeat(1, 2))
+    frames = encode(Heartbeat(0, 1, 2))
     frames[1] += b"\x00"
     assert decode_error(frames).field == "Heartbeat.fixed"
 
@@ -373,9 +373,9 @@ def test_u64_above_int64_range(room: int) -> None:
     assert decode(init_frames(room=U64_MAX)).room == U64_MAX
     err = decode_error(init_frames(room=room))
     assert err.field == "Init.room"
-    heartbeat = [MAGIC + bytes([VERSION, MESSAGE_SCHEMAS["Heartbeat"][0]]), struct.pack(">QQ", 1, room)]
+    heartbeat = [MAGIC + bytes([VERSION, MESSAGE_SCHEMAS["Heartbeat"][0]]), struct.pack(">IQQ", 0, 1, room)]
     assert decode_error(heartbeat).field == "Heartbeat.sequence"
-    heartbeat = [MAGIC + bytes([VERSION, MESSAGE_SCHEMAS["Heartbeat"][0]]), struct.pack(">QQ", room, 1)]
+    heartbeat = [MAGIC + bytes([VERSION, MESSAGE_SCHEMAS["Heartbeat"][0]]), struct.pack(">IQQ", 0, room, 1)]
     assert decode_error(heartbeat).field == "Heartbeat.incarnation"
 
 
@@ -613,7 +613,7 @@ def test_local_construction_other_messages() -> None:
     # a lone surrogate is a str but cannot be encoded: rejected at construction, not in encode
     assert invalid_field(Abort, room=1, rank=0, reason="\ud800").field == "reason"
     assert invalid_field(AbortAck, room=-5, rank=0).field == "room"
-    assert invalid_field(Heartbeat, incarnation=1, sequence=True).field == "sequence"
+    assert invalid_field(Heartbeat, rank=0, incarnation=1, sequence=True).field == "sequence"
     assert invalid_field(Status, room=1, rank=0, round=0, sent_tokens=0, written_tokens=0).field == "written_tokens"
     assert invalid_field(Resume, 1, 0, 0, 10, 5, ((0, 1),)).field == "round"
     assert invalid_field(Register, 0, 1, 1, 128, 64, "float64", "e", "s").field == "dtype"

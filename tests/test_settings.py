@@ -50,7 +50,16 @@ def test_defaults() -> None:
 
 def test_field_set() -> None:
     names = {f.name for f in attrs.fields(Settings)}
-    assert set(INT_FIELDS) | set(TIMEOUT_FIELDS) | {"dtype"} == names
+    assert set(INT_FIELDS) | set(TIMEOUT_FIELDS) | {"dtype", "data_plane", "prealloc"} == names
+
+
+@pytest.mark.parametrize("field, good, bad", [("data_plane", "zmq", "tcp"), ("prealloc", "adaptive", "learned")])
+def test_choice_fields(field: str, good: str, bad: str) -> None:
+    assert getattr(Settings(**{field: good}), field) == good
+    assert settings_error(Settings, **{field: bad}).field == field
+    env = {f"EMBXFER_{field.upper()}": bad}
+    error = settings_error(Settings.from_env, env)
+    assert error.field == f"EMBXFER_{field.upper()}" and good in str(error)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

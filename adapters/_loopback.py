@@ -14,9 +14,12 @@ from typing import Any
 from embxfer.core import (
     Action,
     DecodeError,
+    Heartbeat,
     LocalProtocolError,
     Poll,
     Receiver,
+    Register,
+    Registered,
     ReleaseSource,
     RoomFailedError,
     SendMessage,
@@ -113,8 +116,13 @@ class SenderHandle(_Handle):
 
     def _on_packet(self, packet: Packet) -> None:
         message = self._decode(packet)
-        if message is not None:
-            self._run(self.endpoint.receive(message, self.network.now))
+        if message is None:
+            return
+        self._run(self.endpoint.receive(message, self.network.now))
+        if isinstance(message, Register):  # answer as the real encode server does
+            reason = self.endpoint.rejected_peers.get(message.rank, "")
+            reply = Registered(self.endpoint.incarnation, 0 if reason else 1, "", reason[:512])
+            self.network.send(SENDER, packet.src, encode(reply))
 
     def _on_write_done(self, packet: Packet, error: str | None) -> None:
         write: WriteRows = packet.write
@@ -125,7 +133,8 @@ class SenderHandle(_Handle):
             self.network.submit_write(SENDER, receiver_name(action.rank), action)
         elif isinstance(action, SendMessage):
             assert action.rank is not None
-            self.network.send(SENDER, receiver_name(action.rank), encode(action.message))
+            self.network.send(SENDER, receiver_name(action.rank), encode(action.message),
+                              keepalive=isinstance(action.message, Heartbeat))
         elif isinstance(action, ReleaseSource):
             self.sources.pop(action.room, None)
         return None
@@ -158,8 +167,10 @@ class ReceiverHandle(_Handle):
         return self.endpoint.allocator
 
     def connect(self) -> None:
+        """Register with the sender; the link is up, so both hops are delivered at once."""
         self.network.send(self.name, SENDER, encode(self.endpoint.register_message(endpoint=self.name)))
-        self._run(self.endpoint.peer_connected(self.network.now))
+        self.network.deliver(len(self.network.pending) - 1)
+        self.network.deliver(len(self.network.pending) - 1)  # the sender's Registered
 
     def init(self, room: int) -> None:
         self._run(self.endpoint.init(room, self.network.now))
@@ -185,12 +196,16 @@ class ReceiverHandle(_Handle):
         message = self._decode(packet)
         if message is None:
             return
+        if isinstance(message, Registered):
+            if message.accepted:
+                self._run(self.endpoint.peer_connected(self.network.now, message.incarnation))
+            return
         aux, aux_error = self.rows.aux_for(self.endpoint, message)
         self._run(self.endpoint.receive(message, self.network.now, aux, aux_error=aux_error))
 
     def _execute(self, action: Action) -> list[Action] | None:
         if isinstance(action, SendMessage):
-            self.network.send(self.name, SENDER, encode(action.message))
+            self.network.send(self.name, SENDER, encode(action.message), keepalive=isinstance(action.message, Heartbeat))
         else:
             self.rows.execute(action)
         return None
@@ -203,7 +218,7 @@ class LoopbackLink:
         if receivers < 1:
             raise LocalProtocolError("receivers must be at least 1", field="receivers")
         self.settings = settings
-        self.network = LoopbackNetwork()
+        self.network = LoopbackNetwork(keepalive_step=settings.heartbeat_interval / 2)
         self.sender = SenderHandle(self)
         self.receivers = [ReceiverHandle(self, rank, receivers) for rank in range(receivers)]
         self.network.attach_writer(SENDER, self._land_or_fail)
@@ -230,6 +245,16 @@ class LoopbackLink:
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (h.endpoint.next_deadline() for h in self._handles()) if d is not None]
         return min(deadlines) if deadlines else None
+
+    def next_room_deadline(self) -> float | None:
+        """The next room timeout or quarantine expiry anywhere (heartbeats left out): once
+        there is none, every room has ended and every quarantine is over."""
+        deadlines = [self.sender.endpoint.next_room_deadline()] if self.sender.name not in self.network.crashed else []
+        for rx in self.receivers:
+            if rx.name not in self.network.crashed:
+                deadlines += [rx.endpoint.next_room_deadline(), rx.endpoint.next_quarantine_deadline()]
+        found = [d for d in deadlines if d is not None]
+        return min(found) if found else None
 
     def free_blocks(self) -> dict[str, Any]:
         """Free pool blocks per receiver rank, the pool size, and sender sources still held."""

@@ -189,7 +189,7 @@ def run_loopback_workload(settings: Settings, rooms: int, in_flight: int, receiv
                 failed += 1
                 failures.update(rx.failure(room) for rx in link.receivers if rx.failure(room))
         if active and not link.network.pending:
-            deadline = link.next_deadline()  # nothing in flight: only time can move things
+            deadline = link.next_room_deadline()  # nothing in flight: only time can move things
             if deadline is None:
                 break
             link.advance(max(0.0, deadline - link.now))

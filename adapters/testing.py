@@ -173,7 +173,7 @@ class LoopbackModel(RuleBasedStateMachine):
         link = self.link
         link.run_until_idle()
         for _ in range(1000):
-            deadline = link.next_deadline()
+            deadline = link.next_room_deadline()
             if deadline is None:
                 break
             link.advance(max(0.0, deadline - link.now) + 0.01)

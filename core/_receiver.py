@@ -21,6 +21,7 @@ from embxfer.specs.tables import BOOTSTRAPPING, FAILED, TERMINAL_STATES, TRANSFE
 from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage
 from ._allocator import Allocation, Allocator
 from ._errors import IllegalTransition, LocalProtocolError
+from ._liveness import Liveness
 from ._machine import machine_for
 from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Resume, Status
 from ._settings import Settings
@@ -62,6 +63,10 @@ class Receiver:
         self.rooms: dict[int, _ReceiverRoom] = {}
         self.stats: Counter[str] = Counter()
         self.peer_ready = False
+        self.peer_incarnation: int | None = None  # the sender's, from Registered
+        self._liveness = Liveness(settings)
+        self._registration: Register | None = None  # re-sent while the sender is lost
+        self._next_registration: float | None = None
         self._machine = machine_for("receiver")
         self._deadlines = Deadlines()
         self._waiting_init: deque[int] = deque()  # FCFS for default allocations
@@ -82,7 +87,12 @@ class Receiver:
         return record.reason if record is not None else ""
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self._deadlines.next_deadline(), self._quarantine_deadlines.next_deadline()) if d is not None]
+        deadlines = [
+            d for d in (
+                self._deadlines.next_deadline(), self._quarantine_deadlines.next_deadline(),
+                self._liveness.next_deadline(), self._next_registration,
+            ) if d is not None
+        ]
         return min(deadlines) if deadlines else None
 
     def next_room_deadline(self) -> float | None:
@@ -98,7 +108,10 @@ class Receiver:
 
     def register_message(self, endpoint: str = "", session_id: str = "") -> Register:
         s = self.settings
-        return Register(self.rank, self.required_dst_info_num, self.incarnation, s.block_size, s.hidden_size, s.dtype, endpoint, session_id)
+        self._registration = Register(
+            self.rank, self.required_dst_info_num, self.incarnation, s.block_size, s.hidden_size, s.dtype, endpoint, session_id,
+        )
+        return self._registration
 
     def aux_block(self, room: int) -> int:
         """The block whose aux record holds ``room``'s header (the round-0 allocation's first)."""
@@ -108,10 +121,24 @@ class Receiver:
         return record.allocation.extents[0][0]
 
     # -- inputs ------------------------------------------------------------------------
-    def peer_connected(self, now: float) -> list[Action]:
-        """The sender is resolved (bootstrap done): rooms may send their inits."""
-        self.peer_ready = True
+    def peer_connected(self, now: float, incarnation: int | None = None) -> list[Action]:
+        """The sender is resolved (its ``Registered`` arrived): rooms may send their inits.
+
+        A different ``incarnation`` than before means the sender we knew is gone (a new
+        process owns its address): rooms it knew fail at once, and its quarantined blocks
+        are free, since nothing of the old process can write them any more."""
         actions: list[Action] = []
+        if incarnation is not None and self.peer_incarnation is not None and incarnation != self.peer_incarnation:
+            self.stats["peers_restarted"] += 1
+            self._peer_lost(
+                now, f"encode peer restarted (incarnation {self.peer_incarnation} -> {incarnation})", actions,
+                restarted=True,
+            )
+        if incarnation is not None:
+            self.peer_incarnation = incarnation
+        self.peer_ready = True
+        self._next_registration = None
+        self._liveness.register(0, incarnation, now)
         self._serve_waiting(now, actions)
         return actions
 
@@ -138,6 +165,8 @@ class Receiver:
     def receive(self, message: Message, now: float, aux: AuxHeader | None = None, *, aux_error: str = "") -> list[Action]:
         """A control message from the sender.  For round 0's ``Status`` pass the aux header
         read from the aux record of ``aux_block(room)`` (or why it could not be read)."""
+        if not isinstance(message, Heartbeat):
+            self._liveness.heard(0, now)
         if isinstance(message, Status):
             return self._on_status(message, now, aux, aux_error)
         if isinstance(message, Abort):
@@ -145,7 +174,13 @@ class Receiver:
         if isinstance(message, AbortAck):
             return self._on_abort_ack(message, now)
         if isinstance(message, Heartbeat):
+            if self.peer_incarnation is None and self.peer_ready:
+                self.peer_incarnation = message.incarnation  # a link that skipped Registered
+            if message.incarnation != self.peer_incarnation or message.rank != self.rank:
+                self.stats["stale_heartbeats"] += 1  # from a sender we no longer talk to
+                return []
             self.stats["heartbeats_received"] += 1
+            self._liveness.heard(0, now)
             return []
         self.stats["stray_dropped"] += 1
         return []
@@ -167,6 +202,16 @@ class Receiver:
                 self._free(allocation)
 
         self._quarantine_deadlines.pop_expired(now, release)
+        if self.peer_ready:
+            for _, sequence in self._liveness.heartbeats_due(now):
+                actions.append(SendMessage(Heartbeat(self.rank, self.incarnation, sequence)))
+            for _, silent in self._liveness.newly_silent(now):
+                self.stats["peers_lost"] += 1
+                self._peer_lost(now, f"encode peer silent for {silent:.3g} s (peer dead)", actions)
+        if self._next_registration is not None and self._next_registration <= now and self._registration is not None:
+            # ask again until a sender answers: the old one after a partition, or its successor
+            actions.append(SendMessage(self._registration))
+            self._next_registration = now + self.settings.heartbeat_interval
         self._serve_waiting(now, actions)
         return actions
 
@@ -280,6 +325,23 @@ class Receiver:
         return actions
 
     # -- helpers -----------------------------------------------------------------------
+    def _peer_lost(self, now: float, reason: str, actions: list[Action], *, restarted: bool = False) -> None:
+        """Fail every room the sender knows.  Rooms still waiting for their first blocks
+        have told it nothing: they wait for the sender to come back (bounded by their own
+        timeout).  A silent sender may still write: its rooms' blocks stay quarantined.  A
+        restarted one cannot: every quarantined block is free."""
+        if not restarted:
+            self.peer_ready = False  # no init goes out until a sender answers again
+        for record in list(self.rooms.values()):
+            if record.state not in TERMINAL_STATES and record.told_sender:
+                self._fail(record, "peer_lost", reason, now, actions, sender_quiet=restarted)
+        if restarted:
+            released = self.release_quarantine()
+            self.stats["quarantine_released_restart"] += released
+        else:
+            self._liveness.forget(0)
+            self._next_registration = now
+
     def _serve_waiting(self, now: float, actions: list[Action]) -> None:
         """Hand free blocks to waiting rooms: rooms between rounds first, then inits FCFS."""
         if not self.peer_ready:

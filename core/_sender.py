@@ -18,6 +18,7 @@ from embxfer.specs.tables import FAILED, SUCCESS, TERMINAL_STATES, TRANSFERRING,
 from ._actions import Action, Poll, ReleaseSource, RoomFinished, SendMessage, WriteRows
 from ._allocator import slot_runs
 from ._errors import IllegalTransition, LocalProtocolError, RoomFailedError
+from ._liveness import Liveness
 from ._machine import machine_for
 from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, Register, Resume, Status, check_capacity
 from ._settings import Settings
@@ -37,6 +38,7 @@ class _Destination:
     done: bool = False
     owes_ack: bool = False  # its abort arrived while a write was in flight
     owes_abort: str | None = None  # our abort, held back until its write completes
+    incarnation: int | None = None  # of the receiver process that sent the init
 
 
 @attrs.define(slots=True)
@@ -65,7 +67,10 @@ class Sender:
         self.stats: Counter[str] = Counter()
         self._machine = machine_for("sender")
         self._deadlines = Deadlines()
-        self._retired: OrderedDict[int, None] = OrderedDict()
+        self._liveness = Liveness(settings)
+        # finished room ids, with the (rank, incarnation) pairs they involved, to classify
+        # late messages; a tombstone of only earlier incarnations no longer counts
+        self._retired: OrderedDict[int, tuple[tuple[int, int | None], ...]] = OrderedDict()
 
     # -- queries -----------------------------------------------------------------------
     def poll(self, room: int) -> Poll:
@@ -79,7 +84,16 @@ class Sender:
         return record.reason if record is not None else ""
 
     def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self._deadlines.next_deadline(), self._liveness.next_deadline()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def next_room_deadline(self) -> float | None:
+        """The earliest room timeout, leaving out heartbeats and peer-silence checks."""
         return self._deadlines.next_deadline()
+
+    def peer_alive(self, rank: int) -> bool:
+        """``rank`` registered and has not gone silent past the heartbeat limit."""
+        return self._liveness.is_alive(rank)
 
     def busy_rooms(self) -> int:
         return sum(1 for r in self.rooms.values() if r.state not in TERMINAL_STATES)
@@ -91,8 +105,8 @@ class Sender:
             aux = AuxHeader(room, total_tokens, mrope_position_delta, self.settings.hidden_size, self.settings.dtype)
         except InvalidField as error:
             raise LocalProtocolError(f"send: {error}", field=error.field) from None
-        record = self.rooms.get(room)
-        if record is None and room in self._retired or record is not None and record.state == FAILED:
+        record = self._lookup(room)
+        if record is None and self._is_retired(room) or record is not None and record.state == FAILED:
             # the room failed (timeout, abort) before its embedding was ready: a race, not misuse
             self.stats["late_send_dropped"] += 1
             return [ReleaseSource(room)]
@@ -122,6 +136,16 @@ class Sender:
 
     def receive(self, message: Message, now: float) -> list[Action]:
         """A control message from a receiver rank."""
+        if isinstance(message, Register):
+            return self._on_register(message, now)
+        rank = getattr(message, "rank", None)
+        if isinstance(message, Heartbeat):
+            if self._liveness.incarnation(message.rank) != message.incarnation:
+                self.stats["stale_heartbeats"] += 1  # from an incarnation we no longer serve
+                return []
+            self.stats["heartbeats_received"] += 1
+        if rank is not None and self._liveness.heard(rank, now):
+            self.stats["peers_revived"] += 1
         if isinstance(message, Init):
             return self._on_init(message, now)
         if isinstance(message, Resume):
@@ -131,10 +155,7 @@ class Sender:
         if isinstance(message, AbortAck):
             self.stats["abort_acks_received"] += 1
             return []
-        if isinstance(message, Register):
-            return self._on_register(message)
         if isinstance(message, Heartbeat):
-            self.stats["heartbeats_received"] += 1
             return []
         self.stats["stray_dropped"] += 1
         return []
@@ -182,6 +203,11 @@ class Sender:
                 self._fail(record, "timeout", f"timeout in state {record.state}", now, actions)
 
         self._deadlines.pop_expired(now, expire)
+        for rank, sequence in self._liveness.heartbeats_due(now):
+            actions.append(SendMessage(Heartbeat(rank, self.incarnation, sequence), rank))
+        for rank, silent in self._liveness.newly_silent(now):
+            self.stats["peers_lost"] += 1
+            self._peer_lost(rank, f"receiver rank {rank} silent for {silent:.3g} s (peer dead)", now, actions)
         return actions
 
     def forget(self, room: int) -> None:
@@ -195,7 +221,17 @@ class Sender:
         self._maybe_retire(record)
 
     # -- message handlers --------------------------------------------------------------
-    def _on_register(self, message: Register) -> list[Action]:
+    def _on_register(self, message: Register, now: float) -> list[Action]:
+        actions: list[Action] = []
+        replaced = self._liveness.register(message.rank, message.incarnation, now)
+        if replaced is not None:
+            # the old process is gone: its rooms fail without a word to the new one, which
+            # may reuse their room ids for rooms of its own
+            self.stats["peers_restarted"] += 1
+            self._peer_lost(
+                message.rank, f"receiver rank {message.rank} restarted (incarnation {replaced} -> {message.incarnation})",
+                now, actions, restarted=True,
+            )
         problems = []
         if message.block_size != self.settings.block_size:
             problems.append(f"block_size {message.block_size} != {self.settings.block_size}")
@@ -211,12 +247,19 @@ class Sender:
             self.rejected_peers.pop(message.rank, None)
             self.peers[message.rank] = message
             self.stats["registrations"] += 1
-        return []
+        return actions
+
+    def _peer_lost(self, rank: int, reason: str, now: float, actions: list[Action], *, restarted: bool = False) -> None:
+        """Fail every live room that involves ``rank``.  A silent peer may come back and still
+        hears our abort; a restarted one must not (its new rooms may reuse the ids)."""
+        for record in list(self.rooms.values()):
+            if record.state not in TERMINAL_STATES and rank in record.destinations:
+                self._fail(record, "peer_lost", reason, now, actions, quiet_rank=rank if restarted else None)
 
     def _on_init(self, message: Init, now: float) -> list[Action]:
         actions: list[Action] = []
-        record = self.rooms.get(message.room)
-        if record is None and message.room in self._retired or record is not None and record.state in TERMINAL_STATES:
+        record = self._lookup(message.room)
+        if record is None and self._is_retired(message.room) or record is not None and record.state in TERMINAL_STATES:
             self.stats["late_dropped"] += 1
             dest = record.destinations.get(message.rank) if record is not None else None
             if (record is None or record.state == FAILED) and not (dest is not None and dest.writing):
@@ -254,7 +297,9 @@ class Sender:
                 now, actions, extra_rank=message.rank,
             )
             return actions
-        record.destinations[message.rank] = _Destination(message.rank, message.block_size, request=message)
+        record.destinations[message.rank] = _Destination(
+            message.rank, message.block_size, request=message, incarnation=self._liveness.incarnation(message.rank),
+        )
         trigger = "destinations_known" if len(record.destinations) == record.required else "init_received"
         if not self._step(record, trigger, now, actions):
             return actions
@@ -266,7 +311,7 @@ class Sender:
         actions: list[Action] = []
         record = self.rooms.get(message.room)
         if record is None or record.state in TERMINAL_STATES:
-            self.stats["late_dropped" if record is not None or message.room in self._retired else "stray_dropped"] += 1
+            self.stats["late_dropped" if record is not None or self._is_retired(message.room) else "stray_dropped"] += 1
             return actions
         dest = record.destinations.get(message.rank)
         if dest is None:
@@ -302,7 +347,7 @@ class Sender:
         if record is None:
             # an abort that overtook the room's init: remember the room so a late init can
             # never start writing blocks the receiver frees on our ack
-            self._retire(message.room)
+            self._retire(message.room, ((message.rank, self._liveness.incarnation(message.rank)),))
         elif record.state not in TERMINAL_STATES:
             self._fail(record, "abort", f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)
         if dest is not None and dest.writing:
@@ -404,15 +449,38 @@ class Sender:
             actions.append(SendMessage(Abort(record.room, dest.rank, dest.owes_abort), dest.rank))
             dest.owes_abort = None
 
+    def _is_retired(self, room: int) -> bool:
+        """``room`` finished here, for a peer that is still the same process."""
+        peers = self._retired.get(room)
+        if peers is None:
+            return False
+        if peers and all(self._liveness.incarnation(rank) != incarnation for rank, incarnation in peers):
+            del self._retired[room]  # every peer it involved has restarted since
+            return False
+        return True
+
+    def _lookup(self, room: int) -> _SenderRoom | None:
+        """The room's record, unless it is a finished room of receivers that have all
+        restarted since: their new processes may reuse its id for a room of their own."""
+        record = self.rooms.get(room)
+        if (
+            record is not None and record.state in TERMINAL_STATES and record.destinations
+            and not record.source_held
+            and all(self._liveness.incarnation(d.rank) != d.incarnation for d in record.destinations.values())
+        ):
+            del self.rooms[room]
+            return None
+        return record
+
     def _maybe_retire(self, record: _SenderRoom) -> None:
         if not record.forget_requested:
             return
         if any(d.writing for d in record.destinations.values()):
             return  # keep it until its writes land, so their completions find it
         self.rooms.pop(record.room, None)
-        self._retire(record.room)
+        self._retire(record.room, tuple((d.rank, d.incarnation) for d in record.destinations.values()))
 
-    def _retire(self, room: int) -> None:
-        self._retired[room] = None
+    def _retire(self, room: int, peers: tuple[tuple[int, int | None], ...] = ()) -> None:
+        self._retired[room] = peers
         if len(self._retired) > RETIRED_MEMORY:
             self._retired.popitem(last=False)

@@ -49,6 +49,9 @@ TIMEOUT_SETTING: Final = {
 Row = tuple[str, str, "str | None"]
 
 _ANY_LIVE = NON_TERMINAL_STATES
+# Every live state can fail: an abort from either side, its own timeout, a protocol error
+# ("fail"), or the peer it involves going silent or restarting ("peer_lost").
+FAILURE_TRIGGERS: Final = ("abort", "timeout", "fail", "peer_lost")
 
 # Sender room ("encode" side).
 #   Bootstrapping    waits for the init of every one of required_dst_info_num destinations
@@ -70,7 +73,7 @@ SENDER_TABLE: Final[tuple[Row, ...]] = (
     ("rows_complete", TRANSFERRING, SUCCESS),
     # a destination asks for the next round
     ("resume_received", TRANSFERRING, None),
-    *((trigger, state, FAILED) for trigger in ("abort", "timeout", "fail") for state in _ANY_LIVE),
+    *((trigger, state, FAILED) for trigger in FAILURE_TRIGGERS for state in _ANY_LIVE),
 )
 
 # Receiver room ("language" side).
@@ -84,7 +87,7 @@ RECEIVER_TABLE: Final[tuple[Row, ...]] = (
     ("resume_sent", TRANSFERRING, None),
     ("round_complete", WAITING_FOR_INPUT, SUCCESS),
     ("round_complete", TRANSFERRING, SUCCESS),
-    *((trigger, state, FAILED) for trigger in ("abort", "timeout", "fail") for state in _ANY_LIVE),
+    *((trigger, state, FAILED) for trigger in FAILURE_TRIGGERS for state in _ANY_LIVE),
 )
 
 TABLES: Final = {"sender": SENDER_TABLE, "receiver": RECEIVER_TABLE}

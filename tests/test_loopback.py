@@ -1,6 +1,7 @@
 """Behaviour over the loopback link: rounds, fan-out, pool pressure, timeouts, aborts,
 quarantine, stray and malformed input.  Every test checks rows and blocks, not just states."""
 
+import attrs
 import pytest
 import torch
 
@@ -213,8 +214,8 @@ def test_sender_transfer_timeout_when_resume_never_comes():
 
 
 def test_next_deadline_is_the_earliest_timer():
-    link = connect_loopback(TIMED)
-    assert link.next_deadline() is None
+    link = connect_loopback(attrs.evolve(TIMED, heartbeat_interval=100.0))
+    assert link.next_deadline() == pytest.approx(100.0)  # an idle link: only the next heartbeat
     link.receivers[0].init(1)
     assert link.next_deadline() == pytest.approx(7.0)  # WaitingForInput on the receiver
     link.run_until_idle()

@@ -7,6 +7,11 @@ node, and advance the virtual clock.  No real time, no threads.
 Data writes are items too, so a write can still be in flight when an abort crosses it.  A
 real data plane bounds a write by its own transfer timeout, far below ours; here
 ``advance`` lands every write still in flight before the clock moves.
+
+Heartbeats model a link that is up: ``advance`` moves the clock in steps of at most
+``keepalive_step`` and delivers the heartbeats sent at each step, so peers that have not
+crashed never look silent however far the clock jumps.  A crashed node's heartbeats stop,
+and its peers find it dead after their heartbeat limit.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class Packet:
     dst: str
     frames: list[bytes] | None = None
     write: Any = None  # opaque to the network: the sender's write, landed by its handler
+    keepalive: bool = False  # a heartbeat: delivered while the clock moves (see ``advance``)
 
     @property
     def is_data(self) -> bool:
@@ -38,8 +44,9 @@ WriteHandler = Callable[[Packet, "str | None"], None]
 
 
 class LoopbackNetwork:
-    def __init__(self) -> None:
+    def __init__(self, keepalive_step: float | None = None) -> None:
         self.now = 0.0
+        self.keepalive_step = keepalive_step
         self.pending: list[Packet] = []
         self.crashed: set[str] = set()
         self.delivered = 0
@@ -60,11 +67,11 @@ class LoopbackNetwork:
         self._data[name] = on_write
 
     # -- sending -------------------------------------------------------------------------
-    def send(self, src: str, dst: str, frames: list[bytes]) -> None:
+    def send(self, src: str, dst: str, frames: list[bytes], *, keepalive: bool = False) -> None:
         if src in self.crashed or dst in self.crashed:
             self.dropped += 1
             return
-        self.pending.append(Packet(next(self._ids), src, dst, frames=frames))
+        self.pending.append(Packet(next(self._ids), src, dst, frames=frames, keepalive=keepalive))
 
     def submit_write(self, src: str, dst: str, write: Any) -> None:
         packet = Packet(next(self._ids), src, dst, write=write)
@@ -98,7 +105,9 @@ class LoopbackNetwork:
         packet = self.pending[index]
         if packet.is_data:
             raise ValueError("a data write is not duplicated; duplicate control messages")
-        self.pending.append(Packet(next(self._ids), packet.src, packet.dst, frames=list(packet.frames or ())))
+        self.pending.append(Packet(
+            next(self._ids), packet.src, packet.dst, frames=list(packet.frames or ()), keepalive=packet.keepalive,
+        ))
 
     def delay(self, index: int = 0) -> None:
         """Move an item behind everything else in flight."""
@@ -123,15 +132,30 @@ class LoopbackNetwork:
         self.pending = keep
 
     def advance(self, seconds: float) -> None:
-        """Land every write in flight, then move the clock and let every node see the time."""
+        """Land every write in flight, then move the clock and let every node see the time
+        (in heartbeat-sized steps, delivering the heartbeats of each step)."""
         while True:
             index = next((i for i, p in enumerate(self.pending) if p.is_data), None)
             if index is None:
                 break
             self.deliver(index)
-        self.now += seconds
-        for tick in self._tickers:
-            tick(self.now)
+        target = self.now + seconds
+        while True:
+            step = self.keepalive_step
+            self.now = target if step is None else min(target, self.now + step)
+            for tick in self._tickers:
+                tick(self.now)
+            if step is not None:
+                self._deliver_keepalives()
+            if self.now >= target:
+                return
+
+    def _deliver_keepalives(self) -> None:
+        while True:
+            index = next((i for i, p in enumerate(self.pending) if p.keepalive), None)
+            if index is None:
+                return
+            self.deliver(index)
 
     def run_until_idle(self, max_steps: int = 10_000_000) -> int:
         """Deliver in order until nothing is in flight; returns the number delivered."""

@@ -1,0 +1,91 @@
+"""Peer liveness: when to send the next heartbeat, and when a silent peer counts as dead.
+
+Any message from a peer counts as hearing from it.  A peer silent for longer than
+``heartbeat_interval * heartbeat_misses`` is dead; every room that involves it fails.  The
+silence limit is strict (``>``) so that with a heartbeat every interval a peer is only
+declared dead after ``heartbeat_misses`` whole intervals without a word.
+"""
+
+from __future__ import annotations
+
+
+import attrs
+
+from ._settings import Settings
+
+
+@attrs.define(slots=True)
+class _Peer:
+    incarnation: int | None
+    heard: float
+    next_heartbeat: float
+    alive: bool = True
+    sequence: int = 0
+
+
+class Liveness:
+    """The peers of one endpoint, keyed by rank (the sender) or a single key (a receiver)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.interval = settings.heartbeat_interval
+        self.limit = settings.heartbeat_interval * settings.heartbeat_misses
+        self.peers: dict[int, _Peer] = {}
+
+    def register(self, key: int, incarnation: int | None, now: float) -> int | None:
+        """``key`` (re)registered; returns the incarnation it replaces, if it differs."""
+        peer = self.peers.get(key)
+        previous = peer.incarnation if peer is not None else None
+        self.peers[key] = _Peer(incarnation, now, now + self.interval)
+        if previous is not None and incarnation is not None and previous != incarnation:
+            return previous
+        return None
+
+    def incarnation(self, key: int) -> int | None:
+        peer = self.peers.get(key)
+        return peer.incarnation if peer is not None else None
+
+    def forget(self, key: int) -> None:
+        self.peers.pop(key, None)
+
+    def heard(self, key: int, now: float) -> bool:
+        """A message from ``key`` arrived; True when it had been declared dead before."""
+        peer = self.peers.get(key)
+        if peer is None:
+            return False
+        peer.heard = max(peer.heard, now)
+        revived = not peer.alive
+        if revived:
+            peer.alive = True
+            peer.next_heartbeat = now
+        return revived
+
+    def is_alive(self, key: int) -> bool:
+        peer = self.peers.get(key)
+        return peer is not None and peer.alive
+
+    def heartbeats_due(self, now: float) -> list[tuple[int, int]]:
+        """(key, sequence) of every live peer owed a heartbeat now; schedules the next."""
+        due = []
+        for key, peer in self.peers.items():
+            if peer.alive and peer.next_heartbeat <= now:
+                peer.sequence += 1
+                peer.next_heartbeat = now + self.interval
+                due.append((key, peer.sequence))
+        return due
+
+    def newly_silent(self, now: float) -> list[tuple[int, float]]:
+        """(key, seconds silent) of every live peer silent past the limit; marks them dead."""
+        silent = []
+        for key, peer in self.peers.items():
+            if peer.alive and now - peer.heard > self.limit:
+                peer.alive = False
+                silent.append((key, now - peer.heard))
+        return silent
+
+    def next_deadline(self) -> float | None:
+        """The next heartbeat to send or silence limit to check, over live peers."""
+        deadlines = [
+            min(peer.next_heartbeat, peer.heard + self.limit + self.interval * 1e-3)
+            for peer in self.peers.values() if peer.alive
+        ]
+        return min(deadlines) if deadlines else None

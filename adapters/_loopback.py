@@ -70,10 +70,9 @@ class _Handle:
         kwargs = {"reason": reason} if reason else {}
         self._run(self.endpoint.abort(room, self.network.now, **kwargs))
 
-    def stats(self) -> dict[str, int]:
-        counters = dict(self.endpoint.stats)
-        counters["decode_errors"] = self.decode_errors
-        return counters
+    def stats(self) -> dict[str, Any]:
+        """Counters, gauges and histograms of this side (see ``embxfer.core`` metrics)."""
+        return {**self.endpoint.metrics(), "decode_errors": self.decode_errors}
 
     def _on_tick(self, now: float) -> None:
         self._run(self.endpoint.tick(now))

@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from embxfer.core import Action, DecodeError, Poll, Settings
+from embxfer.core import Action, DecodeError, Poll, RoomFinished, Settings
 from embxfer.specs.tables import TERMINAL_STATES
 
 log = logging.getLogger("embxfer")
@@ -110,7 +110,16 @@ class _Runtime:
     def _run(self, actions: Iterable[Action]) -> None:
         queue_ = deque(actions)
         while queue_:
-            queue_.extend(self._execute(queue_.popleft()) or ())
+            action = queue_.popleft()
+            if isinstance(action, RoomFinished):
+                self._log_finished(action)
+            queue_.extend(self._execute(action) or ())
+
+    def _log_finished(self, finished: RoomFinished) -> None:
+        if finished.poll == Poll.Failed:
+            log.info("%s: room %d failed in round %d: %s", self.name, finished.room, finished.round, finished.reason)
+        else:
+            log.debug("%s: room %d succeeded in round %d", self.name, finished.room, finished.round)
 
     def _execute(self, action: Action) -> list[Action] | None:
         raise NotImplementedError
@@ -135,9 +144,10 @@ class _Runtime:
             self.changed.wait_for(lambda: self.endpoint.rooms[room].state in TERMINAL_STATES, timeout)
             return self.endpoint.poll(room)  # type: ignore[no-any-return]
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """Counters, gauges and histograms of this side (see ``embxfer.core`` metrics)."""
         with self.lock:
-            return {**self.endpoint.stats, **self.counters}
+            return {**self.endpoint.metrics(), **self.counters}
 
     def close(self, reason: str = "shutdown") -> int:
         """Fail every room still in flight with ``reason``, tell peers, free blocks, stop.

@@ -80,6 +80,7 @@ class RoomFinished:
     room: int
     poll: int
     reason: str = ""
+    round: int = 0  # the round the room was in when it ended (log lines carry it)
 
 
 Action = Union[SendMessage, WriteRows, ReleaseSource, CollectRows, RoomFinished]

@@ -23,6 +23,7 @@ from ._allocator import Allocation, Allocator
 from ._errors import IllegalTransition, LocalProtocolError
 from ._liveness import Liveness
 from ._machine import machine_for
+from ._metrics import endpoint_histograms
 from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Resume, Status
 from ._settings import Settings
 from ._timers import Deadlines
@@ -43,6 +44,7 @@ class _ReceiverRoom:
     told_sender: bool = False  # the sender knows this room (an init went out)
     reason: str = ""
     rounds: int = 0
+    started: float = 0.0  # ``now`` at init: latency histograms
 
     @property
     def total_tokens(self) -> int | None:
@@ -62,6 +64,7 @@ class Receiver:
         self.allocator = Allocator(settings)
         self.rooms: dict[int, _ReceiverRoom] = {}
         self.stats: Counter[str] = Counter()
+        self.histograms = endpoint_histograms()
         self.peer_ready = False
         self.peer_incarnation: int | None = None  # the sender's, from Registered
         self._liveness = Liveness(settings)
@@ -101,6 +104,16 @@ class Receiver:
 
     def next_quarantine_deadline(self) -> float | None:
         return self._quarantine_deadlines.next_deadline()
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters, gauges and histogram snapshots, as ``stats()`` on the facades shows them."""
+        return {
+            **self.stats,
+            "rooms_in_flight": sum(1 for r in self.rooms.values() if r.state not in TERMINAL_STATES),
+            "quarantined_blocks": self.quarantined_blocks,
+            "free_blocks": self.allocator.free_blocks,
+            "histograms": {name: h.snapshot() for name, h in self.histograms.items()},
+        }
 
     @property
     def quarantined_blocks(self) -> int:
@@ -146,7 +159,7 @@ class Receiver:
         """Start receiving ``room``: allocate the default guess (or wait for it) and send init."""
         if room in self.rooms or room in self._retired:
             raise LocalProtocolError(f"room {room} was already initialised", field="room")
-        record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout)
+        record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout, started=now)
         self.rooms[room] = record
         self._deadlines.set(room, record.deadline)
         self._waiting_init.append(room)
@@ -284,7 +297,10 @@ class Receiver:
             if self._step(record, "round_complete", now, actions):
                 self.stats["rooms_succeeded"] += 1
                 self.stats[f"resume_rounds:{record.rounds - 1}"] += 1
-                actions.append(RoomFinished(record.room, Poll.Success))
+                self.histograms["transfer_seconds"].observe(now - record.started)
+                self.histograms["resume_rounds"].observe(record.rounds - 1)
+                self.histograms["room_tokens"].observe(record.aux.total_tokens)
+                actions.append(RoomFinished(record.room, Poll.Success, round=record.round))
         elif self._step(record, "round_partial", now, actions):
             record.round += 1
             self._waiting_resume.append(record.room)
@@ -418,7 +434,8 @@ class Receiver:
                 self._free(allocation)
         if record.told_sender and not sender_quiet:
             actions.append(SendMessage(Abort(record.room, self.rank, reason[:512])))
-        actions.append(RoomFinished(record.room, Poll.Failed, reason))
+        self.histograms["failure_seconds"].observe(now - record.started)
+        actions.append(RoomFinished(record.room, Poll.Failed, reason, round=record.round))
         self._serve_waiting(now, actions)
 
     def _release_quarantine(self, room: int) -> bool:

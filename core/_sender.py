@@ -20,6 +20,7 @@ from ._allocator import slot_runs
 from ._errors import IllegalTransition, LocalProtocolError, RoomFailedError
 from ._liveness import Liveness
 from ._machine import machine_for
+from ._metrics import endpoint_histograms
 from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, Register, Resume, Status, check_capacity
 from ._settings import Settings
 from ._timers import Deadlines
@@ -52,6 +53,7 @@ class _SenderRoom:
     reason: str = ""
     rounds_written: int = 0
     forget_requested: bool = False
+    started: float = 0.0  # ``now`` when the room opened: latency histograms
     source_held: bool = True  # the I/O layer still holds the rows (released once, never early)
 
 
@@ -65,6 +67,7 @@ class Sender:
         self.peers: dict[int, Register] = {}
         self.rejected_peers: dict[int, str] = {}
         self.stats: Counter[str] = Counter()
+        self.histograms = endpoint_histograms()
         self._machine = machine_for("sender")
         self._deadlines = Deadlines()
         self._liveness = Liveness(settings)
@@ -94,6 +97,15 @@ class Sender:
     def peer_alive(self, rank: int) -> bool:
         """``rank`` registered and has not gone silent past the heartbeat limit."""
         return self._liveness.is_alive(rank)
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters, gauges and histogram snapshots, as ``stats()`` on the facades shows them."""
+        return {
+            **self.stats,
+            "rooms_in_flight": self.busy_rooms(),
+            "peers_alive": sum(1 for rank in self.peers if self._liveness.is_alive(rank)),
+            "histograms": {name: h.snapshot() for name, h in self.histograms.items()},
+        }
 
     def busy_rooms(self) -> int:
         return sum(1 for r in self.rooms.values() if r.state not in TERMINAL_STATES)
@@ -189,7 +201,7 @@ class Sender:
             dest.done = True
         if all(d.done for d in record.destinations.values()):
             if self._step(record, "rows_complete", now, actions):
-                self._finish(record, actions)
+                self._finish(record, now, actions)
         else:
             self._step(record, "rows_partial", now, actions)
         return actions
@@ -359,7 +371,7 @@ class Sender:
 
     # -- helpers -----------------------------------------------------------------------
     def _open(self, room: int, now: float) -> _SenderRoom:
-        record = _SenderRoom(room, "Bootstrapping", now + self.settings.bootstrap_timeout)
+        record = _SenderRoom(room, "Bootstrapping", now + self.settings.bootstrap_timeout, started=now)
         self.rooms[room] = record
         self._deadlines.set(room, record.deadline)
         return record
@@ -426,13 +438,18 @@ class Sender:
             else:
                 actions.append(SendMessage(Abort(record.room, rank, reason[:512]), rank))
         self._release_source_when_idle(record, actions)
-        actions.append(RoomFinished(record.room, Poll.Failed, reason))
+        self.histograms["failure_seconds"].observe(now - record.started)
+        actions.append(RoomFinished(record.room, Poll.Failed, reason, round=max((d.round for d in record.destinations.values()), default=0)))
 
-    def _finish(self, record: _SenderRoom, actions: list[Action]) -> None:
-        assert record.state == SUCCESS
+    def _finish(self, record: _SenderRoom, now: float, actions: list[Action]) -> None:
+        assert record.state == SUCCESS and record.aux is not None
         self.stats["rooms_succeeded"] += 1
+        self.histograms["transfer_seconds"].observe(now - record.started)
+        for dest in record.destinations.values():
+            self.histograms["resume_rounds"].observe(dest.round)
+        self.histograms["room_tokens"].observe(record.aux.total_tokens)
         self._release_source_when_idle(record, actions)
-        actions.append(RoomFinished(record.room, Poll.Success))
+        actions.append(RoomFinished(record.room, Poll.Success, round=max(d.round for d in record.destinations.values())))
 
     def _release_source_when_idle(self, record: _SenderRoom, actions: list[Action]) -> None:
         """Release the source rows once, and only when no write still reads them."""

@@ -24,6 +24,7 @@ from ._errors import IllegalTransition, LocalProtocolError
 from ._liveness import Liveness
 from ._machine import machine_for
 from ._metrics import endpoint_histograms
+from ._prealloc import prealloc_policy
 from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Resume, Status
 from ._settings import Settings
 from ._timers import Deadlines
@@ -62,6 +63,7 @@ class Receiver:
         self.required_dst_info_num = required_dst_info_num
         self.incarnation = incarnation
         self.allocator = Allocator(settings)
+        self.prealloc = prealloc_policy(settings)
         self.rooms: dict[int, _ReceiverRoom] = {}
         self.stats: Counter[str] = Counter()
         self.histograms = endpoint_histograms()
@@ -277,8 +279,12 @@ class Receiver:
                 self._fail(record, "fail", problem, now, actions)
                 return actions
             record.aux = aux
+            self.prealloc.observe(aux.total_tokens)
         assert record.aux is not None
         expected = min(record.aux.total_tokens - record.sent_tokens, allocation.capacity_tokens)
+        if message.round == 0:  # how good the first guess was: slots handed out and left unused
+            self.stats["round0_slots_allocated"] += allocation.capacity_tokens
+            self.stats["round0_slots_unused"] += allocation.capacity_tokens - expected
         if message.written_tokens != expected:
             self._fail(
                 record, "fail",
@@ -383,7 +389,7 @@ class Receiver:
             if record is None or record.state != BOOTSTRAPPING:
                 self._waiting_init.popleft()
                 continue
-            allocation = allocator.alloc_default(owner=record.room)
+            allocation = allocator.alloc(self.prealloc.first_blocks() * allocator.block_size, owner=record.room)
             if allocation is None:
                 return  # first come, first served: nobody overtakes the head
             self._waiting_init.popleft()

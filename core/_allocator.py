@@ -32,10 +32,10 @@ class Allocation:
     extents: tuple[Extent, ...]
     block_size: int
     owner: Hashable = None
+    num_blocks: int = attrs.field(init=False)
 
-    @property
-    def num_blocks(self) -> int:
-        return sum(count for _, count in self.extents)
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "num_blocks", sum(count for _, count in self.extents))  # asked for per round
 
     @property
     def capacity_tokens(self) -> int:
@@ -173,10 +173,11 @@ class Allocator:
             extents = tuple(taken)
         self._free_count -= num_blocks
         allocation = Allocation(next(self._serial), self.id, extents, self.block_size, owner)
-        for block in allocation.blocks():
-            if self._block_owner[block] is not None:
-                raise AssertionError(f"block {block} handed out twice")
-            self._block_owner[block] = allocation.id
+        owners = self._block_owner
+        for start, count in extents:
+            if owners[start:start + count].count(None) != count:
+                raise AssertionError(f"a block of {start}..{start + count - 1} handed out twice")
+            owners[start:start + count] = [allocation.id] * count
         self._live[allocation.id] = allocation
         self.allocations_made += 1
         return allocation
@@ -188,8 +189,9 @@ class Allocator:
         if self._live.get(allocation.id) is not allocation:
             raise AllocatorError(f"allocation {allocation.id} is not live: freed twice", field="allocation")
         del self._live[allocation.id]
-        for block in allocation.blocks():
-            self._block_owner[block] = None
+        owners = self._block_owner
+        for start, count in allocation.extents:
+            owners[start:start + count] = [None] * count
         for extent in allocation.extents:
             self._insert_free(extent)
         self._free_count += allocation.num_blocks

@@ -36,7 +36,9 @@ class InvalidField(ProtocolError):
 
 def _int_in(low: int, high: int) -> Any:
     def check(instance: Any, attribute: Any, value: Any) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
+        # one type test on the hot path (every message is built through here); bool, an int
+        # subclass, and int subclasses in general are refused
+        if type(value) is not int:
             raise InvalidField(attribute.name, f"must be an integer, got {type(value).__name__}")
         if not low <= value <= high:
             raise InvalidField(attribute.name, f"{value} is outside {low}..{high}")
@@ -57,6 +59,12 @@ def _text(instance: Any, attribute: Any, value: Any) -> None:
 
 
 def _extents(instance: Any, attribute: Any, value: Any) -> None:
+    if type(value) is tuple and len(value) == 1:  # the common case: one coalesced extent
+        extent = value[0]
+        if type(extent) is tuple and len(extent) == 2:
+            start, count = extent
+            if type(start) is int and type(count) is int and start >= 0 and count >= 1 and start + count <= U32_MAX:
+                return
     if not isinstance(value, tuple) or not value:
         raise InvalidField(attribute.name, "must be a non-empty tuple of (start_block, block_count)")
     if len(value) > MAX_EXTENTS:

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from embxfer.specs.tables import BOOTSTRAPPING, FAILED, TERMINAL_STATES, TRANSFERRING
+from embxfer.specs.tables import NON_TERMINAL_STATES, BOOTSTRAPPING, FAILED, TERMINAL_STATES, TRANSFERRING
 
 from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage
 from ._allocator import Allocation, Allocator
@@ -72,6 +72,7 @@ class Receiver:
         self._liveness = Liveness(settings)
         self._registration: Register | None = None  # re-sent while the sender is lost
         self._next_registration: float | None = None
+        self._timeouts = {state: settings.timeout_for(state) for state in NON_TERMINAL_STATES}
         self._machine = machine_for("receiver")
         self._deadlines = Deadlines()
         self._waiting_init: deque[int] = deque()  # FCFS for default allocations
@@ -414,7 +415,7 @@ class Receiver:
         if state in TERMINAL_STATES:
             self._deadlines.clear(record.room)
         else:
-            record.deadline = now + self.settings.timeout_for(state)
+            record.deadline = now + self._timeouts[state]
             self._deadlines.set(record.room, record.deadline)
         return True
 

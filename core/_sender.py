@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from embxfer.specs.tables import FAILED, SUCCESS, TERMINAL_STATES, TRANSFERRING, WAITING_FOR_INPUT
+from embxfer.specs.tables import NON_TERMINAL_STATES, FAILED, SUCCESS, TERMINAL_STATES, TRANSFERRING, WAITING_FOR_INPUT
 
 from ._actions import Action, Poll, ReleaseSource, RoomFinished, SendMessage, WriteRows
 from ._allocator import slot_runs
@@ -68,6 +68,7 @@ class Sender:
         self.rejected_peers: dict[int, str] = {}
         self.stats: Counter[str] = Counter()
         self.histograms = endpoint_histograms()
+        self._timeouts = {state: settings.timeout_for(state) for state in NON_TERMINAL_STATES}
         self._machine = machine_for("sender")
         self._deadlines = Deadlines()
         self._liveness = Liveness(settings)
@@ -391,7 +392,7 @@ class Sender:
             if state in TERMINAL_STATES:
                 self._deadlines.clear(record.room)
             else:
-                record.deadline = now + self.settings.timeout_for(state)
+                record.deadline = now + self._timeouts[state]
                 self._deadlines.set(record.room, record.deadline)
         return True
 

@@ -1,10 +1,13 @@
 """The encode side on real wires: a sender endpoint, the bootstrap/control ROUTER socket
-and Mooncake writes on worker threads."""
+and the data plane ``settings.data_plane`` names (Mooncake writes on worker threads, or
+zero-copy zmq frames from one writer thread)."""
 
 from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import zmq
 
@@ -15,12 +18,23 @@ from embxfer.core import (
 from embxfer.specs.tables import TERMINAL_STATES
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
+from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter, is_zmq_session
 
 from ._runtime import _Runtime
 
 
+class RowWriter(Protocol):
+    """What the encode side needs of a data plane (``MooncakeWriter``, ``ZmqWriter``)."""
+
+    def stage(self, room: int, source: SourceRows) -> None: ...
+    def submit(self, write: WriteRows, session: str, layout: PoolLayout,
+               on_done: Callable[[WriteRows, "str | None"], None]) -> None: ...
+    def release(self, room: int) -> None: ...
+    def close(self) -> None: ...
+
+
 class EncodeServer(_Runtime):
-    """The encode side: a sender endpoint, the bootstrap/control ROUTER socket, Mooncake writes.
+    """The encode side: a sender endpoint, the bootstrap/control ROUTER socket, a data plane.
 
     ``synthetic_seed`` makes it answer every new room with ``room_data(seed, room)``, as
     ``embxfer serve-encode --synthetic-seed`` does.
@@ -31,8 +45,19 @@ class EncodeServer(_Runtime):
                  verbose: bool = False, engine: MooncakeEngine | None = None) -> None:
         super().__init__(settings, "encode")
         self.endpoint = Sender(settings)
-        self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
-        self.writer = MooncakeWriter(self.engine, settings.block_size)
+        self.engine: MooncakeEngine | None = None
+        self.writer: RowWriter
+        if settings.data_plane == "zmq":
+            if engine is not None:
+                raise LocalProtocolError("a Mooncake engine was given for the zmq data plane", field="engine")
+            self.writer = ZmqWriter(settings.block_size, ack_timeout=settings.transfer_timeout,
+                                    heartbeat_interval=settings.heartbeat_interval,
+                                    heartbeat_timeout=settings.heartbeat_interval * settings.heartbeat_misses)
+            self.session_id = SENDER_SESSION
+        else:
+            self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
+            self.writer = MooncakeWriter(self.engine, settings.block_size)
+            self.session_id = self.engine.session_id
         self.synthetic_seed = synthetic_seed
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -92,11 +117,17 @@ class EncodeServer(_Runtime):
         now = time.monotonic()
         rank = getattr(message, "rank", None)
         if isinstance(message, Register):
+            if is_zmq_session(message.session_id) != (self.settings.data_plane == "zmq"):
+                # its rows could never reach it: refuse here, the core never hears of it
+                self.counters["registrations_rejected:data_plane"] += 1
+                reason = f"data plane mismatch: this encode server uses {self.settings.data_plane}"
+                self.socket.send_multipart([identity, *encode(Registered(self.endpoint.incarnation, 0, self.session_id, reason))])
+                return
             self._identities[message.rank] = identity
             self._sessions[message.rank] = message.session_id
             self._run(self.endpoint.receive(message, now))
             reason = self.endpoint.rejected_peers.get(message.rank, "")
-            reply = Registered(self.endpoint.incarnation, 0 if reason else 1, self.engine.session_id, reason[:512])
+            reply = Registered(self.endpoint.incarnation, 0 if reason else 1, self.session_id, reason[:512])
             self.socket.send_multipart([identity, *encode(reply)])
             return
         if isinstance(message, PoolLayout):
@@ -145,6 +176,10 @@ class EncodeServer(_Runtime):
         elif isinstance(action, RoomFinished):
             self.counters["rooms_finished"] += 1
         return None
+
+    def stats(self) -> dict[str, Any]:
+        data_plane = {f"data_{k}": v for k, v in self.writer.stats().items()} if isinstance(self.writer, ZmqWriter) else {}
+        return {**super().stats(), **data_plane}
 
     def _close_endpoint(self) -> None:
         self.writer.close()

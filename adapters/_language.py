@@ -1,5 +1,7 @@
-"""The language side on real wires: a receiver endpoint with its registered pool, over a
-ZeroMQ DEALER socket to the encode side's bootstrap port."""
+"""The language side on real wires: a receiver endpoint with its pool, over a ZeroMQ DEALER
+socket to the encode side's bootstrap port.  Rows arrive by the data plane that
+``settings.data_plane`` names: Mooncake writes into the registered pool, or zmq frames that
+our data socket checks and copies in."""
 
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import zmq
 from embxfer.core import Action, Registered, SendMessage, Receiver, Settings, decode, encode
 from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeEngine, layout_of, register_pool
+from embxfer.transports.zmq_plane import ZmqPoolReceiver, is_zmq_session, pool_layout
 
 from ._rows import RowSink
 from ._runtime import _Runtime
 
 
 class LanguageClient(_Runtime):
-    """The language side: a receiver endpoint with its registered pool, over ZeroMQ."""
+    """The language side: a receiver endpoint with its pool, over ZeroMQ."""
 
     def __init__(self, settings: Settings, bootstrap_addr: str, *, rank: int = 0, required_dst_info_num: int = 1,
                  protocol: str = "tcp", device: str = "", host: str = "127.0.0.1", verbose: bool = False,
@@ -25,15 +28,25 @@ class LanguageClient(_Runtime):
         super().__init__(settings, f"language{rank}")
         self.endpoint = Receiver(settings, rank=rank, required_dst_info_num=required_dst_info_num)
         self.rank = rank
-        self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
         self.rows = RowSink(settings)
         self.buffers = self.rows.buffers
-        register_pool(self.engine, self.buffers)
+        self.engine: MooncakeEngine | None = None
+        self.data_receiver: ZmqPoolReceiver | None = None
+        if settings.data_plane == "zmq":
+            self.data_receiver = ZmqPoolReceiver(
+                self.buffers, lock=self.lock, counters=self.counters, host=host,
+                accept=lambda write: self.rows.write_problem(self.endpoint, write),
+            )
+            session_id, layout = self.data_receiver.session_id, pool_layout(self.buffers, rank)
+        else:
+            self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
+            register_pool(self.engine, self.buffers)
+            session_id, layout = self.engine.session_id, layout_of(self.buffers, rank)
         self.registration: Registered | None = None
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.connect(f"tcp://{bootstrap_addr}")
-        self.socket.send_multipart(encode(self.endpoint.register_message(endpoint=bootstrap_addr, session_id=self.engine.session_id)))
-        self.socket.send_multipart(encode(layout_of(self.buffers, rank)))
+        self.socket.send_multipart(encode(self.endpoint.register_message(endpoint=bootstrap_addr, session_id=session_id)))
+        self.socket.send_multipart(encode(layout))
         self._thread.start()
         timeout = settings.bootstrap_timeout if connect_timeout is None else connect_timeout
         with self.changed:
@@ -45,6 +58,9 @@ class LanguageClient(_Runtime):
             reason = self.registration.reason
             self.close(reason="registration rejected")
             raise ConnectionError(f"the encode server at {bootstrap_addr} rejected us: {reason}")
+        if is_zmq_session(self.registration.session_id) != (settings.data_plane == "zmq"):
+            self.close(reason="data plane mismatch")
+            raise ConnectionError(f"the encode server at {bootstrap_addr} uses another data plane than {settings.data_plane}")
 
     @property
     def allocator(self) -> Any:
@@ -66,6 +82,13 @@ class LanguageClient(_Runtime):
     def free_blocks(self) -> int:
         with self.lock:
             return int(self.endpoint.allocator.free_blocks)
+
+    def close(self, reason: str = "shutdown") -> int:
+        aborted = super().close(reason)
+        if self.data_receiver is not None:
+            # after the endpoint: every room is terminal by now, so nothing more may land
+            self.data_receiver.close()
+        return aborted
 
     def _on_frames(self, frames: list[bytes]) -> None:
         message = decode(frames, block_size=self.settings.block_size)

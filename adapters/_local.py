@@ -1,9 +1,12 @@
 """A real link in one process: an encode server and N language clients over ZeroMQ TCP
-and Mooncake on 127.0.0.1 — the same facade as ``connect_loopback``, on real wires."""
+on 127.0.0.1, rows over Mooncake or zmq frames (``settings.data_plane``) — the same facade
+as ``connect_loopback``, on real wires."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import attrs
 
 from embxfer.core import LocalProtocolError, Poll, Settings
 
@@ -13,9 +16,11 @@ from ._language import LanguageClient
 
 class LocalLink:
     def __init__(self, settings: Settings, receivers: int = 1, *, protocol: str = "tcp", device: str = "",
-                 host: str = "127.0.0.1", verbose: bool = False) -> None:
+                 host: str = "127.0.0.1", verbose: bool = False, data_plane: str | None = None) -> None:
         if receivers < 1:
             raise LocalProtocolError("receivers must be at least 1", field="receivers")
+        if data_plane is not None:
+            settings = attrs.evolve(settings, data_plane=data_plane)
         self.settings = settings
         self.sender = EncodeServer(settings, host=host, protocol=protocol, device=device, verbose=verbose)
         self.receivers: list[LanguageClient] = []
@@ -53,5 +58,8 @@ class LocalLink:
 
 
 def connect_local(settings: Settings | None = None, receivers: int = 1, **options: Any) -> LocalLink:
-    """An encode server and ``receivers`` language clients on real transports, in-process."""
+    """An encode server and ``receivers`` language clients on real transports, in-process.
+
+    ``data_plane="zmq"`` (or ``Settings(data_plane="zmq")``) carries rows as zmq frames and
+    needs no Mooncake."""
     return LocalLink(settings or Settings(), receivers, **options)

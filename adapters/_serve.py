@@ -26,10 +26,14 @@ def add_settings_flags(parser: argparse.ArgumentParser, *, pool_blocks: int = 64
     group.add_argument("--pool-blocks", type=int, default=pool_blocks)
     group.add_argument("--hidden-size", type=int, default=256)
     group.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    group.add_argument("--data-plane", default=None, choices=["mooncake", "zmq"],
+                       help="how rows travel: mooncake (default; TCP or RDMA) or zmq (zero-copy ZeroMQ frames, "
+                            "no Mooncake needed); EMBXFER_DATA_PLANE sets the default")
 
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
-    overrides = {k: v for k, v in (("block_size", args.block_size), ("default_blocks", args.default_blocks)) if v is not None}
+    chosen = (("block_size", args.block_size), ("default_blocks", args.default_blocks), ("data_plane", args.data_plane))
+    overrides = {k: v for k, v in chosen if v is not None}
     return Settings.from_env(pool_blocks=args.pool_blocks, hidden_size=args.hidden_size, dtype=args.dtype, **overrides, **extra)
 
 
@@ -59,8 +63,8 @@ def serve_encode(args: argparse.Namespace) -> int:
     except MooncakeUnavailable as error:
         print(f"embxfer: {error}", file=sys.stderr)
         return 3
-    print(f"embxfer serve-encode: ready on {server.bootstrap_addr} (data plane mooncake/{args.protocol}, "
-          f"session {server.engine.session_id})", flush=True)
+    plane = "zmq" if server.engine is None else f"mooncake/{args.protocol}, session {server.session_id}"
+    print(f"embxfer serve-encode: ready on {server.bootstrap_addr} (data plane {plane})", flush=True)
     bar = _progress(None, "encode rooms", not args.no_progress)
     shown = 0
     started = time.monotonic()

@@ -1,5 +1,6 @@
-"""One conformance suite that every transport must pass: loopback (in-memory, scheduled)
-and ZeroMQ + Mooncake over TCP on 127.0.0.1 (real sockets, real engine, real threads).
+"""One conformance suite that every transport must pass: loopback (in-memory, scheduled),
+ZeroMQ control + Mooncake over TCP, and ZeroMQ control + zero-copy zmq data frames, both on
+127.0.0.1 (real sockets, real threads; the zmq data plane needs no Mooncake).
 
 Each case checks exact rows on every receiver rank and every block back in every pool."""
 
@@ -19,7 +20,10 @@ class Harness:
     def __init__(self, kind: str, settings: Settings, receivers: int) -> None:
         self.kind = kind
         self.settings = settings
-        self.link = connect_loopback(settings, receivers) if kind == "loopback" else connect_local(settings, receivers)
+        if kind == "loopback":
+            self.link = connect_loopback(settings, receivers)
+        else:
+            self.link = connect_local(settings, receivers, data_plane=kind)
 
     def transfer(self, lengths: dict[int, int], *, send_first: bool = False) -> dict[int, object]:
         sent = {room: room_data(11, room, self.settings, num_tokens=n) for room, n in lengths.items()}
@@ -52,7 +56,7 @@ class Harness:
             self.link.close()
 
 
-TRANSPORTS = ["loopback", "mooncake"]
+TRANSPORTS = ["loopback", "mooncake", "zmq"]
 SETTINGS = Settings(block_size=16, default_blocks=4, pool_blocks=12, hidden_size=32, dtype="bfloat16")
 
 

@@ -4,10 +4,11 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 
 .PHONY: system-deps setup demo test wheel-check
 
-# Mooncake's engine.so links libibverbs (and libnuma, libcurl): Debian packages, root only.
+# Mooncake's engine.so links libibverbs (and libnuma, libcurl); tests/test_netns.py runs the two
+# sides in network namespaces with iproute2's `ip` and `tc`.  Debian packages, root only.
 system-deps:
-	@if command -v apt-get >/dev/null && ! dpkg -s libibverbs1 libnuma1 libcurl4 >/dev/null 2>&1; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 libnuma1 libcurl4 >/dev/null; \
+	@if command -v apt-get >/dev/null && ! dpkg -s libibverbs1 libnuma1 libcurl4 iproute2 >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 libnuma1 libcurl4 iproute2 >/dev/null; \
 	fi
 
 setup: system-deps

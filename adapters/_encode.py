@@ -20,7 +20,7 @@ from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
 from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter, is_zmq_session
 
-from ._runtime import _Runtime
+from ._runtime import _Runtime, new_incarnation
 
 
 class RowWriter(Protocol):
@@ -42,9 +42,12 @@ class EncodeServer(_Runtime):
 
     def __init__(self, settings: Settings, *, host: str = "127.0.0.1", bootstrap_port: int = 0,
                  protocol: str = "tcp", device: str = "", synthetic_seed: int | None = None,
-                 verbose: bool = False, engine: MooncakeEngine | None = None) -> None:
+                 verbose: bool = False, engine: MooncakeEngine | None = None, forget_finished: bool = False) -> None:
         super().__init__(settings, "encode")
-        self.endpoint = Sender(settings)
+        self.endpoint = Sender(settings, incarnation=new_incarnation())
+        # a server nobody polls (serve-encode) forgets each room once it ends, so a
+        # long-running process holds records only for rooms in flight
+        self.forget_finished = forget_finished
         self.engine: MooncakeEngine | None = None
         self.writer: RowWriter
         if settings.data_plane == "zmq":
@@ -133,8 +136,11 @@ class EncodeServer(_Runtime):
         if isinstance(message, PoolLayout):
             self._layouts[message.rank] = message
             return
-        if rank is not None:
-            self._identities[rank] = identity
+        if rank is not None and self._identities.get(rank) != identity:
+            # only the socket that registered a rank speaks for it: a stray or stale peer
+            # naming the rank must not steal its replies
+            self.counters["unregistered_dropped"] += 1
+            return
         self._run(self.endpoint.receive(message, now))
         if isinstance(message, Init) and self.synthetic_seed is not None and message.room not in self._sources:
             record = self.endpoint.rooms.get(message.room)
@@ -162,7 +168,7 @@ class EncodeServer(_Runtime):
             if identity is None:
                 self.counters["unroutable_messages"] += 1
             else:
-                self.socket.send_multipart([identity, *encode(action.message)])
+                self._send_control([identity, *encode(action.message)])
         elif isinstance(action, WriteRows):
             layout = self._layouts.get(action.rank)
             session = self._sessions.get(action.rank)
@@ -173,6 +179,8 @@ class EncodeServer(_Runtime):
         elif isinstance(action, ReleaseSource):
             self._sources.pop(action.room, None)
             self.writer.release(action.room)
+            if self.forget_finished and action.room in self.endpoint.rooms:
+                self.endpoint.forget(action.room)  # released only once the room has ended
         elif isinstance(action, RoomFinished):
             self.counters["rooms_finished"] += 1
         return None

@@ -10,13 +10,13 @@ from typing import Any
 
 import zmq
 
-from embxfer.core import Action, Registered, SendMessage, Receiver, Settings, decode, encode
+from embxfer.core import Action, Register, Registered, SendMessage, Receiver, Settings, decode, encode
 from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeEngine, layout_of, register_pool
 from embxfer.transports.zmq_plane import ZmqPoolReceiver, is_zmq_session, pool_layout
 
 from ._rows import RowSink
-from ._runtime import _Runtime
+from ._runtime import _Runtime, new_incarnation
 
 
 class LanguageClient(_Runtime):
@@ -26,7 +26,8 @@ class LanguageClient(_Runtime):
                  protocol: str = "tcp", device: str = "", host: str = "127.0.0.1", verbose: bool = False,
                  engine: MooncakeEngine | None = None, connect_timeout: float | None = None) -> None:
         super().__init__(settings, f"language{rank}")
-        self.endpoint = Receiver(settings, rank=rank, required_dst_info_num=required_dst_info_num)
+        self.endpoint = Receiver(settings, rank=rank, required_dst_info_num=required_dst_info_num,
+                                 incarnation=new_incarnation())
         self.rank = rank
         self.rows = RowSink(settings)
         self.buffers = self.rows.buffers
@@ -43,8 +44,12 @@ class LanguageClient(_Runtime):
             register_pool(self.engine, self.buffers)
             session_id, layout = self.engine.session_id, layout_of(self.buffers, rank)
         self.registration: Registered | None = None
+        self._layout = layout  # sent after every Register (a restarted encode side needs it too)
+        self._bootstrap_endpoint = f"tcp://{bootstrap_addr}"
         self.socket = self.context.socket(zmq.DEALER)
-        self.socket.connect(f"tcp://{bootstrap_addr}")
+        # a fixed routing id: after a reconnect the encode side still knows which rank speaks
+        self.socket.setsockopt(zmq.ROUTING_ID, f"embxfer-rank{rank}-{self.endpoint.incarnation:x}".encode())
+        self.socket.connect(self._bootstrap_endpoint)
         self.socket.send_multipart(encode(self.endpoint.register_message(endpoint=bootstrap_addr, session_id=session_id)))
         self.socket.send_multipart(encode(layout))
         self._thread.start()
@@ -83,6 +88,13 @@ class LanguageClient(_Runtime):
         with self.lock:
             return int(self.endpoint.allocator.free_blocks)
 
+    def drop_control(self) -> None:
+        """Fault injection: cut the control connection (as a network partition would)."""
+        self._on_loop(lambda: self.socket.disconnect(self._bootstrap_endpoint))
+
+    def restore_control(self) -> None:
+        self._on_loop(lambda: self.socket.connect(self._bootstrap_endpoint))
+
     def close(self, reason: str = "shutdown") -> int:
         aborted = super().close(reason)
         if self.data_receiver is not None:
@@ -96,14 +108,16 @@ class LanguageClient(_Runtime):
         if isinstance(message, Registered):
             self.registration = message
             if message.accepted:
-                self._run(self.endpoint.peer_connected(now))
+                self._run(self.endpoint.peer_connected(now, message.incarnation))
             return
         aux, aux_error = self.rows.aux_for(self.endpoint, message)
         self._run(self.endpoint.receive(message, now, aux, aux_error=aux_error))
 
     def _execute(self, action: Action) -> list[Action] | None:
         if isinstance(action, SendMessage):
-            self.socket.send_multipart(encode(action.message))
+            self._send_control(encode(action.message))
+            if isinstance(action.message, Register):  # registering again: the pool goes with it
+                self._send_control(encode(self._layout))
         else:
             self.rows.execute(action)
         return None

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import zmq
@@ -23,6 +23,11 @@ from embxfer.core import Action, DecodeError, Poll, RoomFinished, Settings
 from embxfer.specs.tables import TERMINAL_STATES
 
 log = logging.getLogger("embxfer")
+
+
+def new_incarnation() -> int:
+    """A random 63-bit id for this process's endpoint: a restarted peer is told apart by it."""
+    return int.from_bytes(os.urandom(8), "big") >> 1
 
 
 class _Runtime:
@@ -37,6 +42,7 @@ class _Runtime:
         self.context = zmq.Context()
         self.counters: Counter[str] = Counter()
         self._outbox: deque[Action] = deque()
+        self._loop_calls: deque[Callable[[], None]] = deque()  # socket work only the I/O thread may do
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
@@ -62,6 +68,8 @@ class _Runtime:
             with self.lock:
                 if self._stopping:
                     break
+                while self._loop_calls:
+                    self._guarded(self._loop_calls.popleft())
                 if self.socket in events:
                     self._receive_all()
                 self._after_wake()
@@ -95,6 +103,20 @@ class _Runtime:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         raise NotImplementedError
+
+    def _on_loop(self, call: Callable[[], None]) -> None:
+        """Run ``call`` on the I/O thread (ZeroMQ sockets belong to the thread that polls them)."""
+        with self.lock:
+            self._loop_calls.append(call)
+        self._wake()
+
+    def _send_control(self, frames: list[bytes]) -> None:
+        """Send without ever blocking the I/O thread: a peer that is gone or too slow to take
+        its messages loses them (counted), and the protocol's timers deal with the rest."""
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["control_send_dropped"] += 1
 
     def _wake(self) -> None:
         try:

@@ -37,6 +37,27 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings.from_env(pool_blocks=args.pool_blocks, hidden_size=args.hidden_size, dtype=args.dtype, **overrides, **extra)
 
 
+def _counters(stats: dict[str, Any]) -> dict[str, Any]:
+    """The plain counters and gauges of ``stats()`` (histograms left to the metrics port)."""
+    return {k: v for k, v in stats.items() if k != "histograms"}
+
+
+def _start_metrics(args: argparse.Namespace, role: str, stats: Any) -> Any:
+    if getattr(args, "metrics_port", None) is None:
+        return None
+    from .metrics import serve_metrics
+
+    server = serve_metrics(args.metrics_port, {role: stats}, addr=args.metrics_addr)
+    print(f"embxfer: metrics on http://{args.metrics_addr}:{server.server_address[1]}/metrics", file=sys.stderr, flush=True)
+    return server
+
+
+def _stop_metrics(server: Any) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
 def _progress(total: int | None, desc: str, enabled: bool) -> Any:
     try:
         from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
@@ -59,12 +80,14 @@ def serve_encode(args: argparse.Namespace) -> int:
     stop = _Stop()
     try:
         server = EncodeServer(settings, host=args.host, bootstrap_port=args.bootstrap_port, protocol=args.protocol,
-                              device=args.device, synthetic_seed=args.synthetic_seed, verbose=args.verbose)
+                              device=args.device, synthetic_seed=args.synthetic_seed, verbose=args.verbose,
+                              forget_finished=True)
     except MooncakeUnavailable as error:
         print(f"embxfer: {error}", file=sys.stderr)
         return 3
     plane = "zmq" if server.engine is None else f"mooncake/{args.protocol}, session {server.session_id}"
     print(f"embxfer serve-encode: ready on {server.bootstrap_addr} (data plane {plane})", flush=True)
+    metrics = _start_metrics(args, "encode", server.stats)
     bar = _progress(None, "encode rooms", not args.no_progress)
     shown = 0
     started = time.monotonic()
@@ -76,6 +99,7 @@ def serve_encode(args: argparse.Namespace) -> int:
             shown = done
     in_flight = server.rooms_in_flight()
     server.close(reason="shutdown")
+    _stop_metrics(metrics)
     stats = server.stats()
     if bar is not None:
         bar.close()
@@ -85,6 +109,7 @@ def serve_encode(args: argparse.Namespace) -> int:
         "failed_at_shutdown": in_flight, "rows_written": stats.get("bytes_rows_written", 0),
         "sources_held": server.sources_held(),
         "dropped": {k: v for k, v in stats.items() if k.endswith("_dropped")},
+        "counters": _counters(stats),
     }
     print(json.dumps(summary) if args.json else
           f"embxfer serve-encode: {summary['succeeded']} rooms succeeded, {summary['failed']} failed "
@@ -107,6 +132,7 @@ def serve_language(args: argparse.Namespace) -> int:
         print(f"embxfer serve-language: {error}", file=sys.stderr)
         return 2
     bar = _progress(args.requests, f"language rank {args.rank}", not args.no_progress)
+    metrics = _start_metrics(args, f"language{args.rank}", client.stats)
     rooms = list(range(args.first_room, args.first_room + args.requests))
     pending = list(rooms)
     active: list[int] = []
@@ -141,7 +167,10 @@ def serve_language(args: argparse.Namespace) -> int:
     for key, count in client.stats().items():
         if key.startswith("resume_rounds:"):
             rounds[int(key.split(":")[1])] += count
+    quarantined = client.stats()["quarantined_blocks"]
+    counters = _counters(client.stats())
     aborted = client.close(reason="shutdown")
+    _stop_metrics(metrics)
     if bar is not None:
         bar.close()
     elapsed = time.monotonic() - started
@@ -153,7 +182,7 @@ def serve_language(args: argparse.Namespace) -> int:
         "bytes": byte_count, "seconds": round(elapsed, 3),
         "mb_per_s": round(byte_count / elapsed / 1e6, 1) if elapsed > 0 else 0.0,
         "leaked_blocks": settings.pool_blocks - client.free_blocks(), "interrupted": interrupted,
-        "aborted_at_shutdown": aborted,
+        "aborted_at_shutdown": aborted, "quarantined_at_exit": quarantined, "counters": counters,
     }
     if args.json:
         print(json.dumps(summary), flush=True)

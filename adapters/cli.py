@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("--json", action="store_true")
     encode.add_argument("--no-progress", action="store_true")
     encode.add_argument("--verbose", action="store_true")
+    _add_metrics_flags(encode)
     add_settings_flags(encode)
 
     language = commands.add_parser("serve-language", help="run the language side (receiver) for N rooms")
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     language.add_argument("--json", action="store_true")
     language.add_argument("--no-progress", action="store_true")
     language.add_argument("--verbose", action="store_true")
+    _add_metrics_flags(language)
     add_settings_flags(language)
 
     bench_parser.add_parser(commands)
@@ -101,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except ProtocolError as error:
         print(f"embxfer: {error}", file=sys.stderr)
         return 2
+
+
+def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port (0 picks one; needs embxfer[metrics])")
+    parser.add_argument("--metrics-addr", default="127.0.0.1", help="address of the metrics port")
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ def test_engine_error_fails_the_room_with_its_code_and_the_next_room_succeeds():
             rx.engine.unregister(tensor)
         link.sender.send(1, room_data(2, 1, S, num_tokens=20))
         assert rx.wait(1, timeout=60) == Poll.Failed
-        assert "mooncake batch_transfer_sync_write returned -1 (after one retry)" in link.sender.failure(1)
+        assert "mooncake batch_transfer_sync_write returned -1" in link.sender.failure(1)
         assert "aborted by sender: data write of round 0 to rank 0 failed" in rx.failure(1)
         # the pool comes back; the same worker threads carry the next room
         for tensor in (rx.buffers.embeddings, rx.buffers.fill_ids, rx.buffers.mrope, rx.buffers.aux):

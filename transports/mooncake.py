@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +28,8 @@ from embxfer.core import PoolLayout, WriteRows
 from embxfer.specs.schemas import AUX_WORDS
 
 from .buffers import PoolBuffers, SourceRows
+
+SLOW_FAILURE = 0.9  # s: a write failing slower than this is a peer not answering, not retried
 
 INSTALL_HINT = (
     "install it with `pip install 'embxfer[mooncake]'` (CPU-only hosts: "
@@ -67,6 +72,9 @@ class MooncakeEngine:
     def __init__(self, host: str = "127.0.0.1", protocol: str = "tcp", device: str = "", verbose: bool = False) -> None:
         if not verbose:
             os.environ.setdefault("MC_LOG_LEVEL", "ERROR")  # glog is chatty; read at engine creation
+        # a peer that never answers would hold a write ~5 s per attempt (the default), and
+        # handshakes are serialised: an advertised address nobody answers stalls every peer
+        os.environ.setdefault("MC_HANDSHAKE_CONNECT_TIMEOUT", "1")
         engine_class = load_transfer_engine()
         with _quiet_stderr(not verbose):
             # even at ERROR, glog prints two harmless lines at start-up; the rc says if it failed
@@ -94,9 +102,11 @@ class MooncakeEngine:
             self.engine.unregister_memory(address)
 
     def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
-        """One batch; retried once on failure.  Returns the engine's code (0 = written)."""
+        """One batch; a quick failure is retried once (a broken TCP lane), a slow one is not
+        (a peer that does not answer).  Returns the engine's code (0 = written)."""
+        started = time.monotonic()
         rc = int(self.engine.batch_transfer_sync_write(target, local, remote, lengths))
-        if rc != 0:
+        if rc != 0 and time.monotonic() - started < SLOW_FAILURE:
             rc = int(self.engine.batch_transfer_sync_write(target, local, remote, lengths))
         return rc
 
@@ -131,6 +141,10 @@ class MooncakeWriter:
         self.block_size = block_size
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embxfer-write")
         self._staged: dict[int, _Staged] = {}
+        # writes to one peer run one at a time, in order: a peer that does not answer holds
+        # one worker (for a connect timeout per write), never all of them
+        self._target_lock = threading.Lock()
+        self._target_queues: dict[str, deque[Callable[[], None]]] = {}
 
     def stage(self, room: int, source: SourceRows) -> None:
         aux = torch.zeros(AUX_WORDS, dtype=torch.int64)
@@ -159,11 +173,33 @@ class MooncakeWriter:
         def run() -> None:
             try:
                 rc = self.engine.write(target, *batch)
-                on_done(write, None if rc == 0 else f"mooncake batch_transfer_sync_write returned {rc} (after one retry)")
-            except Exception as error:  # the worker must survive anything the engine does
-                on_done(write, f"mooncake write raised {type(error).__name__}: {error}")
+                error = None if rc == 0 else f"mooncake batch_transfer_sync_write returned {rc}"
+            except Exception as raised:  # the worker must survive anything the engine does
+                error = f"mooncake write raised {type(raised).__name__}: {raised}"
+            try:
+                on_done(write, error)
+            finally:
+                self._next_for(target)
 
+        with self._target_lock:
+            waiting = self._target_queues.get(target)
+            if waiting is not None:
+                waiting.append(run)  # this peer's write in flight runs it next
+                return
+            self._target_queues[target] = deque()
         self._pool.submit(run)
+
+    def _next_for(self, target: str) -> None:
+        with self._target_lock:
+            waiting = self._target_queues[target]
+            if not waiting:
+                del self._target_queues[target]
+                return
+            following = waiting.popleft()
+        try:
+            self._pool.submit(following)
+        except RuntimeError:  # closing: the pool takes no new work, so finish it here
+            following()
 
     def _batch(self, write: WriteRows, staged: _Staged, layout: PoolLayout) -> tuple[list[int], list[int], list[int]]:
         source = staged.source

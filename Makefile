@@ -19,7 +19,7 @@ demo: setup
 	embxfer demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 # Build the wheel, install it in a fresh venv and check imports, the CLI and mypy there.
 wheel-check:

@@ -64,6 +64,8 @@ class EncodeServer(_Runtime):
         self.synthetic_seed = synthetic_seed
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # a language client reconnecting under its routing id takes its old place over
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if bootstrap_port:
             self.socket.bind(f"tcp://{host}:{bootstrap_port}")
             self.port = bootstrap_port
@@ -133,13 +135,13 @@ class EncodeServer(_Runtime):
             reply = Registered(self.endpoint.incarnation, 0 if reason else 1, self.session_id, reason[:512])
             self.socket.send_multipart([identity, *encode(reply)])
             return
-        if isinstance(message, PoolLayout):
-            self._layouts[message.rank] = message
-            return
         if rank is not None and self._identities.get(rank) != identity:
             # only the socket that registered a rank speaks for it: a stray or stale peer
-            # naming the rank must not steal its replies
+            # naming the rank must not steal its replies nor move its pool
             self.counters["unregistered_dropped"] += 1
+            return
+        if isinstance(message, PoolLayout):
+            self._layouts[message.rank] = message
             return
         self._run(self.endpoint.receive(message, now))
         if isinstance(message, Init) and self.synthetic_seed is not None and message.room not in self._sources:

@@ -16,18 +16,19 @@ from embxfer.transports.mooncake import MooncakeEngine, MooncakeUnavailable
 def _settings_args(settings: Settings) -> list[str]:
     return ["--block-size", str(settings.block_size), "--default-blocks", str(settings.default_blocks),
             "--pool-blocks", str(settings.pool_blocks), "--hidden-size", str(settings.hidden_size),
-            "--dtype", settings.dtype]
+            "--dtype", settings.dtype, "--data-plane", settings.data_plane]
 
 
 def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receivers: int, seed: int,
                          verbose: bool) -> dict[str, Any] | None:
     """Returns the summary, or None (after saying why in one line) when Mooncake is missing."""
-    try:
-        MooncakeEngine(verbose=verbose)  # fail fast, in this process, before spawning anything
-    except MooncakeUnavailable as error:
-        print(f"embxfer: {error}", file=sys.stderr)
-        print("embxfer: falling back to --transport loopback (both sides simulated in this process)", file=sys.stderr)
-        return None
+    if settings.data_plane == "mooncake":
+        try:
+            MooncakeEngine(verbose=verbose)  # fail fast, in this process, before spawning anything
+        except MooncakeUnavailable as error:
+            print(f"embxfer: {error}", file=sys.stderr)
+            print("embxfer: falling back to --transport loopback (both sides simulated in this process)", file=sys.stderr)
+            return None
     cli = [sys.executable, "-m", "embxfer.adapters.cli"]
     extra = ["--verbose"] if verbose else []
     encode = subprocess.Popen(
@@ -72,7 +73,8 @@ def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receive
             rounds[int(key)] += count
     seconds = max(r["seconds"] for r in results)
     return {
-        "transport": "zmq+mooncake (2 processes)" if receivers == 1 else f"zmq+mooncake ({1 + receivers} processes)",
+        "transport": f"ZeroMQ control + {'Mooncake TCP' if settings.data_plane == 'mooncake' else 'zero-copy ZeroMQ'} data"
+                     f" ({1 + receivers} processes)",
         "rooms": rooms,
         "receivers": receivers,
         "succeeded": min(r["succeeded"] for r in results),

@@ -1,131 +1,253 @@
 """``embxfer bench``: speed as ratios against baselines measured in the same run.
 
-Data-plane case: one room of N MB of embedding rows (bf16, hidden 1024, plus fill ids and
-mrope positions) through embxfer over ZeroMQ + Mooncake TCP (in one process, real sockets
-and engine), with R resume rounds, against a raw ``transfer_sync_write`` of the same bytes
-and a memcpy of the same bytes.  Each figure is the median of ``--repeat`` runs.
+Cases (``--cases``, all by default; one machine, 127.0.0.1):
+
+* ``data-plane``    one room of N MB of embedding rows with R resume rounds through embxfer
+                    (ZeroMQ + Mooncake TCP, and the ZeroMQ data plane when available) vs raw
+                    ``transfer_sync_write``, memcpy and pickled tensors over ZeroMQ REQ/REP;
+* ``loopback``      the loopback transport vs memcpy of the same bytes (16–64 MB);
+* ``core``          µs per room through the sans-I/O core alone vs its wire codec;
+* ``control-plane`` small rooms/s across two processes at 1, 64, 1,024 in flight vs bare ZeroMQ;
+* ``scale``         core state per room and time per event at 10,000 rooms in flight vs 100;
+* ``allocator``     alloc+free pairs/s on a fragmented pool vs a fresh one;
+* ``prealloc``      resumes and pool use of ``prealloc="fixed"`` vs ``"adaptive"``.
+
+It prints a table per case and the targets met or missed; ``--json FILE`` writes every
+figure, baseline, ratio and target; ``--plot FILE`` writes a PNG chart.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import platform
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 
-from embxfer.core import Poll, Settings
+from ._bench_report import CaseResult, targets_table
 
-from .workload import room_data
-
-HIDDEN = 1024
-ROW_BYTES = HIDDEN * 2 + 8 + 24  # bf16 row + fill id + 3 mrope positions
+CASES = ("data-plane", "loopback", "core", "control-plane", "scale", "allocator", "prealloc")
 
 
-def _settings_for(tokens: int, resumes: int) -> Settings:
-    block = 128
-    blocks = -(-tokens // block)
-    per_round = -(-blocks // (resumes + 1))  # the default guess holds one round's share
-    return Settings(block_size=block, default_blocks=per_round, pool_blocks=max(per_round, 1) * 2,
-                    hidden_size=HIDDEN, dtype="bfloat16", bootstrap_timeout=120, waiting_timeout=120, transfer_timeout=120)
+@attrs.frozen
+class Plan:
+    """How big each case runs: ``full`` (the default, a few minutes) or ``quick`` (< 60 s)."""
+
+    sizes: list[int]
+    resumes: list[int]
+    repeat: int
+    loopback_sizes: list[int]
+    core_rooms: int
+    control_levels: list[int]
+    control_rooms: dict[int, int]
+    scale_rooms: list[int]
+    scale_cycles: int
+    allocator_pairs: int
+    prealloc_rooms: int
+    prealloc_in_flight: int = 8
 
 
-def embxfer_seconds(megabytes: int, resumes: int, repeat: int) -> tuple[float, int, int]:
-    from ._local import connect_local
-
-    tokens = megabytes * (1 << 20) // (HIDDEN * 2)
-    settings = _settings_for(tokens, resumes)
-    data = room_data(3, 0, settings, num_tokens=tokens)
-    times = []
-    rounds_seen = -1
-    with connect_local(settings) as link:
-        rx = link.receivers[0]
-        for attempt in range(repeat + 1):  # the first run warms the engine's connection up
-            room = 1000 + attempt
-            started = time.perf_counter()
-            rx.init(room)
-            link.sender.send(room, data)
-            state = rx.wait(room, timeout=120)
-            elapsed = time.perf_counter() - started
-            assert state == Poll.Success, rx.failure(room)
-            result = rx.take(room)
-            if attempt == 0:
-                assert result.same_bytes(data), "bench rows differ"
-                rounds_seen = max(int(k.split(":")[1]) for k in rx.stats() if k.startswith("resume_rounds:"))
-            else:
-                times.append(elapsed)
-            link.sender.forget(room)
-    return statistics.median(times), tokens * ROW_BYTES, rounds_seen
+FULL = Plan(sizes=[1, 4, 16, 64], resumes=[0, 1, 3], repeat=5, loopback_sizes=[16, 64], core_rooms=5000,
+            control_levels=[1, 64, 1024], control_rooms={1: 500, 64: 2000, 1024: 4096}, scale_rooms=[10_000],
+            scale_cycles=10_000, allocator_pairs=50_000, prealloc_rooms=2000)
+QUICK = Plan(sizes=[1, 4], resumes=[0, 1], repeat=2, loopback_sizes=[16], core_rooms=1000,
+             control_levels=[1, 64, 1024], control_rooms={1: 50, 64: 300, 1024: 1088}, scale_rooms=[10_000],
+             scale_cycles=1000, allocator_pairs=10_000, prealloc_rooms=400)
 
 
-def raw_mooncake_seconds(nbytes: int, repeat: int) -> float:
-    from embxfer.transports.mooncake import MooncakeEngine
-
-    a, b = MooncakeEngine(), MooncakeEngine()
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-    dst = torch.zeros(nbytes, dtype=torch.uint8)
-    a.register(src)
-    b.register(dst)
-    times = []
-    for attempt in range(repeat + 1):
-        started = time.perf_counter()
-        rc = a.engine.transfer_sync_write(b.session_id, src.data_ptr(), dst.data_ptr(), nbytes)
-        elapsed = time.perf_counter() - started
-        assert rc == 0, rc
-        if attempt:
-            times.append(elapsed)
-    assert torch.equal(src, dst)
-    return statistics.median(times)
+def plan_from(args: argparse.Namespace) -> Plan:
+    base = QUICK if args.quick else FULL
+    changes: dict[str, Any] = {}
+    if args.sizes:
+        changes["sizes"] = args.sizes
+        in_range = [size for size in args.sizes if 16 <= size <= 64]
+        changes["loopback_sizes"] = in_range or base.loopback_sizes
+    if args.resumes:
+        changes["resumes"] = args.resumes
+    if args.repeat:
+        changes["repeat"] = args.repeat
+    return attrs.evolve(base, **changes)
 
 
-def memcpy_seconds(nbytes: int, repeat: int) -> float:
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    times = []
-    for attempt in range(repeat + 1):
-        started = time.perf_counter()
-        dst.copy_(src)
-        if attempt:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+Step = Callable[[str], None]
 
 
-def run(sizes: list[int], resumes: list[int], repeat: int) -> dict[str, Any]:
-    rows = []
-    for megabytes in sizes:
-        for resume in resumes:
-            seconds, nbytes, rounds_seen = embxfer_seconds(megabytes, resume, repeat)
-            raw = raw_mooncake_seconds(nbytes, repeat)
-            copy = memcpy_seconds(nbytes, repeat)
-            rows.append({
-                "case": "data-plane", "megabytes": megabytes, "resume_rounds": rounds_seen, "bytes": nbytes,
-                "embxfer_mb_s": round(nbytes / seconds / 1e6, 1),
-                "raw_mooncake_mb_s": round(nbytes / raw / 1e6, 1),
-                "memcpy_mb_s": round(nbytes / copy / 1e6, 1),
-                "embxfer_vs_raw": round(raw / seconds, 3),
-            })
-            print(f"  {megabytes:>3} MB, {rounds_seen} resume(s): embxfer {rows[-1]['embxfer_mb_s']:>8} MB/s   "
-                  f"raw transfer_sync_write {rows[-1]['raw_mooncake_mb_s']:>8} MB/s   memcpy {rows[-1]['memcpy_mb_s']:>9} MB/s   "
-                  f"embxfer/raw {rows[-1]['embxfer_vs_raw']:.2f}", flush=True)
-    return {"machine": {"cpus": torch.get_num_threads()}, "repeat": repeat, "data_plane": rows}
+def _case_runner(name: str, plan: Plan) -> tuple[int, Callable[[Step], CaseResult]]:
+    """The number of progress steps a case takes, and how to run it."""
+    repeat = plan.repeat
+    if name == "data-plane":
+        from ._bench_data_plane import data_plane_steps, run_data_plane
+
+        return data_plane_steps(plan.sizes, plan.resumes), lambda step: run_data_plane(plan.sizes, plan.resumes, repeat, step)
+    if name == "loopback":
+        from ._bench_data_plane import loopback_steps, run_loopback
+
+        return loopback_steps(plan.loopback_sizes), lambda step: run_loopback(plan.loopback_sizes, repeat, step)
+    if name == "core":
+        from ._bench_core import core_steps, run_core_overhead
+
+        return core_steps(), lambda step: run_core_overhead(plan.core_rooms, max(3, repeat), step)
+    if name == "control-plane":
+        from ._bench_control import control_steps, run_control_plane
+
+        return (control_steps(plan.control_levels),
+                lambda step: run_control_plane(plan.control_levels, lambda level: plan.control_rooms.get(level, 1000), step))
+    if name == "scale":
+        from ._bench_core import run_scale, scale_steps
+
+        return scale_steps(plan.scale_rooms), lambda step: run_scale(plan.scale_rooms, plan.scale_cycles, max(3, repeat), step)
+    if name == "allocator":
+        from ._bench_allocator import allocator_steps, run_allocator
+
+        return allocator_steps(), lambda step: run_allocator(plan.allocator_pairs, max(3, repeat), step)
+    if name == "prealloc":
+        from ._bench_prealloc import prealloc_steps, run_prealloc
+
+        return prealloc_steps(), lambda step: run_prealloc(plan.prealloc_rooms, plan.prealloc_in_flight, step)
+    raise ValueError(f"unknown bench case {name!r}")
+
+
+class _Progress:
+    """A tqdm bar over every step of every case, on stderr (none without tqdm or with
+    --no-progress); tables print above it."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+            except ImportError:  # the bar is optional (embxfer[progress])
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, desc="bench", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def step(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
+
+    def catch_up(self, position: int) -> None:
+        if self.bar is not None and self.bar.n < position:
+            self.bar.update(position - self.bar.n)
+
+    def print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(cases: list[str], plan: Plan, progress: _Progress | None = None) -> tuple[dict[str, Any], list[CaseResult]]:
+    """Run ``cases``: the JSON document and the results (tables print as cases finish)."""
+    runners = [(name, *_case_runner(name, plan)) for name in cases]
+    progress = progress or _Progress(0, False)
+    if progress.bar is not None:
+        progress.bar.total = sum(steps for _, steps, _ in runners)
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S")
+    started = time.perf_counter()
+    results: list[CaseResult] = []
+    position = 0
+    for name, steps, runner in runners:
+        case_started = time.perf_counter()
+        try:
+            case = runner(progress.step)
+        except Exception as error:  # one broken case must not hide the others' figures
+            case = CaseResult(name, name, {}, [], error=f"{type(error).__name__}: {error}")
+        case.seconds = time.perf_counter() - case_started
+        position += steps
+        progress.catch_up(position)
+        results.append(case)
+        progress.print(case.table() + "\n")
+    targets = [
+        {"case": case.name, "row": row.label, "subject": target.subject, "comparison": target.comparison,
+         "threshold": target.threshold, "value": target.value, "met": target.met, "description": target.description}
+        for case in results for row, target in case.targets()
+    ]
+    verified = [case.verified for case in results if case.verified is not None]
+    return {
+        "schema": "embxfer-bench/1",
+        "started": started_at,
+        "seconds": round(time.perf_counter() - started, 2),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__, "platform": platform.platform()},
+        "plan": attrs.asdict(plan),
+        "verified": bool(verified) and all(verified),
+        "errors": {case.name: case.error for case in results if case.error},
+        "cases": {case.name: case.to_json() for case in results},
+        "targets": targets,
+        "targets_met": sum(1 for t in targets if t["met"] is True),
+        "targets_missed": sum(1 for t in targets if t["met"] is False),
+    }, results
 
 
 def main(args: argparse.Namespace) -> int:
-    print(f"embxfer bench — data plane over ZeroMQ + Mooncake TCP on 127.0.0.1, median of {args.repeat}", flush=True)
-    result = run(args.sizes, args.resumes, args.repeat)
+    plan = plan_from(args)
+    cases = args.cases or list(CASES)
+    print(f"embxfer bench — {', '.join(cases)}; {'quick' if args.quick else 'full'} plan, median of {plan.repeat}, "
+          f"{os.cpu_count()} CPUs (busy machines give noisy figures; ratios are against baselines of this same run)",
+          flush=True)
+    progress = _Progress(0, not args.no_progress)
+    try:
+        document, results = run(cases, plan, progress)
+    finally:
+        progress.close()
+    print(targets_table(results))
+    print(f"{document['targets_met']} target(s) met, {document['targets_missed']} missed; "
+          f"bytes verified: {'yes' if document['verified'] else 'NO'}; {document['seconds']:.1f} s", flush=True)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2, ensure_ascii=False)
         print(f"wrote {args.json}", file=sys.stderr)
-    return 0
+    if args.plot:
+        from ._bench_plot import PlotUnavailable, write_png
+
+        try:
+            write_png(document, args.plot)
+        except PlotUnavailable as error:
+            print(f"embxfer bench: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 1 if document["errors"] or not document["verified"] else 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def add_parser(commands: Any) -> None:
-    bench = commands.add_parser("bench", help="measure throughput against raw Mooncake writes and memcpy")
-    bench.add_argument("--sizes", type=int, nargs="+", default=[16], help="megabytes of embedding rows")
-    bench.add_argument("--resumes", type=int, nargs="+", default=[1], help="resume rounds to force")
-    bench.add_argument("--repeat", type=int, default=5)
-    bench.add_argument("--json", default="", help="write the results to this file")
+    bench = commands.add_parser(
+        "bench", help="measure throughput, overhead and scale against baselines of the same run",
+        description="Run the benchmark cases on this machine over 127.0.0.1.  Every figure is printed next to "
+                    "its baseline from the same run, as a ratio; targets are marked met or missed.  With no "
+                    "flags every case runs (a few minutes); --quick runs them all small (under a minute).",
+    )
+    bench.add_argument("--cases", nargs="+", choices=CASES, metavar="CASE",
+                       help=f"cases to run (default: all): {', '.join(CASES)}")
+    bench.add_argument("--sizes", type=_positive, nargs="+", help="data plane: megabytes of embedding rows (default 1 4 16 64; "
+                                                            "sizes in 16–64 also set the loopback case's)")
+    bench.add_argument("--resumes", type=_non_negative, nargs="+", help="data plane: resume rounds to force (default 0 1 3)")
+    bench.add_argument("--repeat", type=_positive, help="runs per figure, after one warm-up; the median is reported (default 5)")
+    bench.add_argument("--quick", action="store_true", help="every case at small sizes (under a minute)")
+    bench.add_argument("--json", default="", metavar="FILE", help="write every figure, baseline, ratio and target here")
+    bench.add_argument("--plot", default="", metavar="FILE", help="write a PNG chart here (needs embxfer[plot])")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar (it needs embxfer[progress])")

@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run a verified workload of rooms end to end")
-    demo.add_argument("--transport", choices=["mooncake", "loopback"], default="mooncake",
+    demo.add_argument("--transport", choices=["mooncake", "zmq", "loopback"], default="mooncake",
                       help="mooncake (default): an encode and a language process over ZeroMQ + Mooncake TCP "
-                           "on 127.0.0.1; loopback: both sides simulated in this process")
+                           "on 127.0.0.1; zmq: the same processes with the zero-copy ZeroMQ data plane; "
+                           "loopback: both sides simulated in this process")
     demo.add_argument("--verbose", action="store_true", help="show Mooncake's own log lines")
     demo.add_argument("--rooms", type=int, default=36, help="rooms to transfer (default 36)")
     demo.add_argument("--in-flight", type=int, default=6, help="rooms in flight at once (default 6)")
@@ -150,9 +151,10 @@ def _diagram(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     settings = Settings.from_env(
         pool_blocks=args.pool_blocks, hidden_size=args.hidden_size, dtype=args.dtype,
+        **({"data_plane": args.transport} if args.transport != "loopback" else {}),
     )
     summary = None
-    if args.transport == "mooncake":
+    if args.transport != "loopback":
         summary = run_two_process_demo(settings, args.rooms, args.in_flight, args.receivers, args.seed, args.verbose)
     if summary is None:
         summary = run_loopback_workload(settings, args.rooms, args.in_flight, args.receivers, args.seed)

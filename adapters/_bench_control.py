@@ -1,0 +1,217 @@
+"""Bench case: the control plane, small rooms per second across two processes.
+
+An ``embxfer serve-encode --synthetic-seed`` process answers every room; this process
+drives a ``LanguageClient`` with 1, 64 and 1,024 rooms in flight.  The rooms are small:
+room ids that ``workload.room_length`` makes fit the default guess, under one block of 4
+tokens, so each is 1–4 tokens, one round, no resume (their rows still go through Mooncake).
+Baseline: bare ZeroMQ round trips (DEALER to a ROUTER echo in another process) with the
+same number in flight, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import IO, Any
+
+import zmq
+
+from embxfer.core import Poll, Settings
+
+from ._bench_report import CaseResult, Column, Row
+from .workload import room_data
+
+Step = Callable[[str], None]
+
+SEED = 5
+TARGET_ROOMS_PER_S = 2000
+TARGET_MIN_IN_FLIGHT = 64  # one room at a time is a latency figure, not a throughput one
+VERIFIED_ROOMS = 24
+
+ECHO_SERVER = """
+import zmq
+context = zmq.Context()
+socket = context.socket(zmq.ROUTER)
+socket.setsockopt(zmq.SNDHWM, 0)
+socket.setsockopt(zmq.RCVHWM, 0)
+print(socket.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+while True:
+    frames = socket.recv_multipart()
+    socket.send_multipart(frames)
+    if frames[-1] == b"stop":
+        break
+socket.close(linger=1000)
+"""
+
+
+def control_settings(in_flight: int) -> Settings:
+    return Settings(block_size=4, default_blocks=1, pool_blocks=max(in_flight, 1) + 64, hidden_size=256,
+                    dtype="bfloat16", bootstrap_timeout=120, waiting_timeout=120, transfer_timeout=120)
+
+
+def small_rooms(first: int, count: int) -> list[int]:
+    """Room ids whose synthetic rows fit the default guess (``room_length`` kind 0)."""
+    start = first + (-first) % 3
+    return list(range(start, start + 3 * count, 3))
+
+
+def _settings_args(settings: Settings) -> list[str]:
+    return ["--block-size", str(settings.block_size), "--default-blocks", str(settings.default_blocks),
+            "--pool-blocks", str(settings.pool_blocks), "--hidden-size", str(settings.hidden_size),
+            "--dtype", settings.dtype]
+
+
+class EncodeProcess:
+    """``embxfer serve-encode --synthetic-seed`` in a child process."""
+
+    def __init__(self, settings: Settings, seed: int) -> None:
+        self.log: IO[str] = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "embxfer.adapters.cli", "serve-encode", "--bootstrap-port", "0",
+             "--synthetic-seed", str(seed), "--json", "--no-progress", *_settings_args(settings)],
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
+        )
+        assert self.process.stdout is not None
+        ready = self.process.stdout.readline()
+        if "ready on" not in ready:
+            self.stop()
+            raise RuntimeError(f"serve-encode did not start: {ready!r} {self._log_tail()}")
+        self.bootstrap_addr = ready.split("ready on ", 1)[1].split()[0]
+
+    def _log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-500:]
+
+    def stop(self) -> str:
+        """Ctrl-C it; returns its JSON summary line ('' if none)."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            out, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, _ = self.process.communicate()
+        self.log.close()
+        lines = [line for line in (out or "").splitlines() if line.startswith("{")]
+        return lines[-1] if lines else ""
+
+
+def rooms_per_second(client: Any, rooms: list[int], in_flight: int) -> float:
+    """Init ``rooms`` keeping ``in_flight`` open, take each as it succeeds; rooms per second."""
+    pending = deque(rooms)
+    active: deque[int] = deque()
+    started = time.perf_counter()
+    while pending or active:
+        while pending and len(active) < in_flight:
+            room = pending.popleft()
+            client.init(room)
+            active.append(room)
+        room = active.popleft()
+        state = client.wait(room, timeout=60)
+        if state != Poll.Success:
+            raise RuntimeError(f"control-plane room {room} ended {state.name}: {client.failure(room)}")
+        client.take(room)
+    return len(rooms) / (time.perf_counter() - started)
+
+
+def echo_round_trips_per_second(round_trips: int, in_flight: int) -> float:
+    """Bare ZeroMQ: a DEALER here, a ROUTER echo in another process, ``in_flight`` pipelined."""
+    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.SNDHWM, 0)
+    dealer.setsockopt(zmq.RCVHWM, 0)
+    try:
+        assert echo.stdout is not None
+        port = int(echo.stdout.readline())
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        payload = b"x" * 64  # about an Init or a Status on the wire
+        dealer.send(payload)
+        dealer.recv()  # connected and warm
+        sent = received = 0
+        started = time.perf_counter()
+        while received < round_trips:
+            while sent < round_trips and sent - received < in_flight:
+                dealer.send(payload)
+                sent += 1
+            dealer.recv()
+            received += 1
+        rate = round_trips / (time.perf_counter() - started)
+        dealer.send(b"stop")
+        dealer.recv()
+    finally:
+        dealer.close(linger=0)
+        context.term()
+        try:
+            echo.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            echo.kill()
+    return rate
+
+
+CONTROL_COLUMNS = [
+    Column("in flight", "in_flight", "param"),
+    Column("rooms", "rooms", "param"),
+    Column("rooms/s", "rooms_per_s"),
+    Column("zmq round trips/s", "zmq_round_trips_per_s"),
+    Column("rooms÷round trips", "rooms_per_s/zmq_round_trips_per_s", "ratio"),
+]
+
+
+def control_steps(levels: list[int]) -> int:
+    return 1 + 2 * len(levels)
+
+
+def run_control_plane(levels: list[int], rooms_at: Callable[[int], int], step: Step) -> CaseResult:
+    from ._language import LanguageClient
+
+    case = CaseResult("control-plane", "Control plane: small rooms (1–4 tokens) across two processes over ZeroMQ",
+                      {"rooms_per_s": "rooms/s", "zmq_round_trips_per_s": "round trips/s"}, CONTROL_COLUMNS)
+    settings = control_settings(max(levels))
+    encode = EncodeProcess(settings, SEED)
+    summary = ""
+    try:
+        client = LanguageClient(settings, encode.bootstrap_addr)
+        try:
+            first = 0
+            verify = small_rooms(first, VERIFIED_ROOMS)
+            for room in verify:  # warm up, and check the rows really arrive
+                client.init(room)
+            for room in verify:
+                if client.wait(room, timeout=60) != Poll.Success:
+                    raise RuntimeError(f"control-plane room {room} failed: {client.failure(room)}")
+                if not client.take(room).same_bytes(room_data(SEED, room, settings)):
+                    raise AssertionError(f"control-plane room {room}: rows differ")
+            case.verified = True
+            first = verify[-1] + 1
+            step("control plane warm-up")
+            for in_flight in levels:
+                rooms = small_rooms(first, rooms_at(in_flight))
+                first = rooms[-1] + 1
+                row = Row(f"{in_flight} in flight", {"in_flight": in_flight, "rooms": len(rooms)})
+                row.figure("rooms_per_s", rooms_per_second(client, rooms, in_flight))
+                step(f"control plane {in_flight} in flight")
+                row.figure("zmq_round_trips_per_s", echo_round_trips_per_second(len(rooms), in_flight))
+                step(f"zmq echo {in_flight} in flight")
+                row.ratio("rooms_per_s/zmq_round_trips_per_s", "rooms_per_s", "zmq_round_trips_per_s")
+                if in_flight >= TARGET_MIN_IN_FLIGHT:
+                    row.target("rooms_per_s", ">=", TARGET_ROOMS_PER_S, f"≥ {TARGET_ROOMS_PER_S:,} small rooms/s")
+                case.rows.append(row)
+        finally:
+            client.close()
+    finally:
+        summary = encode.stop()
+    try:
+        ended = json.loads(summary)
+        said = f"{ended.get('succeeded')} rooms succeeded, {ended.get('failed')} failed"
+    except ValueError:
+        said = "no summary"
+    case.notes.append(f"encode side: serve-encode --synthetic-seed {SEED} in a child process ({said})")
+    case.notes.append(f"a room = Init, a Mooncake write of its rows, Status; the target applies from "
+                      f"{TARGET_MIN_IN_FLIGHT} in flight (one at a time measures latency)")
+    return case

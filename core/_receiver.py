@@ -390,7 +390,7 @@ class Receiver:
             if record is None or record.state != BOOTSTRAPPING:
                 self._waiting_init.popleft()
                 continue
-            allocation = allocator.alloc(self.prealloc.first_blocks() * allocator.block_size, owner=record.room)
+            allocation = allocator.alloc(self.prealloc.first_blocks(allocator.free_blocks) * allocator.block_size, owner=record.room)
             if allocation is None:
                 return  # first come, first served: nobody overtakes the head
             self._waiting_init.popleft()

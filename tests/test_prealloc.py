@@ -82,3 +82,13 @@ def test_the_model_holds_for_each_policy(prealloc: str) -> None:
     from embxfer.adapters.testing import DEFAULT_MODEL_SETTINGS, run_model
 
     run_model(attrs.evolve(DEFAULT_MODEL_SETTINGS, prealloc=prealloc), max_examples=60)
+
+
+def test_adaptive_falls_back_to_the_default_when_the_pool_is_busy() -> None:
+    settings = attrs.evolve(BASE, pool_blocks=256)
+    policy = AdaptivePrealloc(settings)
+    for _ in range(WINDOW):
+        policy.observe(40 * settings.block_size)
+    assert policy.first_blocks(free_blocks=256) == 40
+    assert policy.first_blocks(free_blocks=128 + 40) == 40  # leaves exactly the reserve free
+    assert policy.first_blocks(free_blocks=128 + 39) == settings.default_blocks

@@ -1,7 +1,12 @@
 """Block allocator for a pool of ``pool_blocks`` blocks of ``block_size`` token slots.
 
-Free space is kept as sorted, coalesced extents ``(start_block, block_count)``.  An
-allocation is a tuple of extents (non-contiguous when it must be) and token ``i`` of it
+Free space is kept as coalesced extents ``(start_block, block_count)``, indexed three
+ways so nothing scans the free list: by start and by end (a freed extent merges with its
+neighbours in O(1)) and by size (an allocation takes the smallest extent that holds it in
+one piece: best fit, found by bisecting the sorted sizes present).  Only when no single
+extent is big enough does an allocation take whole extents, lowest address first.
+
+An allocation is a tuple of extents (non-contiguous when it must be) and token ``i`` of it
 maps to exactly one slot: tokens fill the extents in order.  This replaces the historical
 ``min(block_indices) * block_size`` start offset, which made non-contiguous requests
 overwrite each other.
@@ -23,19 +28,18 @@ Extent = tuple[int, int]  # (start_block, block_count)
 _allocator_ids = itertools.count(1)
 
 
-@attrs.frozen(eq=False)
+@attrs.define(eq=False, slots=True)
 class Allocation:
-    """Blocks owned by one room for one round.  Compared by identity: each is unique."""
+    """Blocks owned by one room for one round.  Compared by identity: each is unique.
+    Never changed after the allocator makes it (not frozen only because frozen attrs
+    classes cost a setattr call per field, and one is made per round)."""
 
     id: int
     allocator_id: int
     extents: tuple[Extent, ...]
     block_size: int
-    owner: Hashable = None
-    num_blocks: int = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "num_blocks", sum(count for _, count in self.extents))  # asked for per round
+    owner: Hashable
+    num_blocks: int
 
     @property
     def capacity_tokens(self) -> int:
@@ -86,7 +90,11 @@ class Allocator:
         self.default_blocks = settings.default_blocks
         self.id = next(_allocator_ids)
         self._serial = itertools.count(1)
-        self._free: list[Extent] = [(0, self.pool_blocks)]
+        self._free_by_start: dict[int, int] = {}  # start -> count
+        self._free_by_end: dict[int, int] = {}  # start + count -> start
+        self._free_by_count: dict[int, dict[int, None]] = {}  # count -> starts (insertion-ordered)
+        self._free_counts: list[int] = []  # the sizes present, sorted
+        self._add_free(0, self.pool_blocks)
         self._free_count = self.pool_blocks
         self._live: dict[int, Allocation] = {}
         # who owns each block: catches a write into a slot the room does not own
@@ -104,7 +112,8 @@ class Allocator:
         return tuple(self._live.values())
 
     def free_extents(self) -> tuple[Extent, ...]:
-        return tuple(self._free)
+        """The free extents in address order."""
+        return tuple(sorted(self._free_by_start.items()))
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -146,33 +155,49 @@ class Allocator:
     def _take(self, num_blocks: int, owner: Hashable) -> Allocation | None:
         if num_blocks > self._free_count:
             return None
-        free = self._free
-        # first fit in one piece keeps a round to one coalesced write when possible
-        for index, (start, count) in enumerate(free):
-            if count >= num_blocks:
-                if count == num_blocks:
-                    del free[index]
+        counts = self._free_counts
+        index = bisect.bisect_left(counts, num_blocks)
+        extents: tuple[Extent, ...]
+        if index < len(counts):
+            # one piece keeps a round to one coalesced write: the smallest extent that fits
+            count = counts[index]
+            starts = self._free_by_count[count]
+            start = next(iter(starts))
+            if count == num_blocks:
+                self._remove_free(start, count)
+            else:  # the extent shrinks from its front: its end stays, so does its end entry
+                del starts[start]
+                if not starts:
+                    del self._free_by_count[count]
+                    del counts[index]
+                rest, rest_start = count - num_blocks, start + num_blocks
+                by_start = self._free_by_start
+                del by_start[start]
+                by_start[rest_start] = rest
+                self._free_by_end[rest_start + rest] = rest_start
+                rest_starts = self._free_by_count.get(rest)
+                if rest_starts is None:
+                    self._free_by_count[rest] = {rest_start: None}
+                    bisect.insort(counts, rest)
                 else:
-                    free[index] = (start + num_blocks, count - num_blocks)
-                extents: tuple[Extent, ...] = ((start, num_blocks),)
-                break
+                    rest_starts[rest_start] = None
+            extents = ((start, num_blocks),)
         else:
-            # no single run fits: take whole runs, lowest address first
+            # no single extent fits: take whole extents, lowest address first
             taken: list[Extent] = []
             needed = num_blocks
-            while needed:
-                start, count = free[0]
-                if count <= needed:
-                    del free[0]
-                    taken.append((start, count))
-                    needed -= count
-                else:
-                    free[0] = (start + needed, count - needed)
-                    taken.append((start, needed))
-                    needed = 0
+            for start, count in sorted(self._free_by_start.items()):
+                self._remove_free(start, count)
+                if count > needed:
+                    self._add_free(start + needed, count - needed)
+                    count = needed
+                taken.append((start, count))
+                needed -= count
+                if not needed:
+                    break
             extents = tuple(taken)
         self._free_count -= num_blocks
-        allocation = Allocation(next(self._serial), self.id, extents, self.block_size, owner)
+        allocation = Allocation(next(self._serial), self.id, extents, self.block_size, owner, num_blocks)
         owners = self._block_owner
         for start, count in extents:
             if owners[start:start + count].count(None) != count:
@@ -192,21 +217,39 @@ class Allocator:
         owners = self._block_owner
         for start, count in allocation.extents:
             owners[start:start + count] = [None] * count
-        for extent in allocation.extents:
-            self._insert_free(extent)
+        for start, count in allocation.extents:
+            self._insert_free(start, count)
         self._free_count += allocation.num_blocks
         self.allocations_freed += 1
 
-    def _insert_free(self, extent: Extent) -> None:
-        free = self._free
-        start, count = extent
-        index = bisect.bisect_left(free, extent)
-        # merge with the run before and the run after when they touch
-        if index > 0 and free[index - 1][0] + free[index - 1][1] == start:
-            index -= 1
-            start, count = free[index][0], free[index][1] + count
-            del free[index]
-        if index < len(free) and start + count == free[index][0]:
-            count += free[index][1]
-            del free[index]
-        free.insert(index, (start, count))
+    def _insert_free(self, start: int, count: int) -> None:
+        """Give an extent back, merged with the free extents it touches."""
+        before = self._free_by_end.get(start)
+        if before is not None:
+            before_count = self._free_by_start[before]
+            self._remove_free(before, before_count)
+            start, count = before, before_count + count
+        after_count = self._free_by_start.get(start + count)
+        if after_count is not None:
+            self._remove_free(start + count, after_count)
+            count += after_count
+        self._add_free(start, count)
+
+    def _add_free(self, start: int, count: int) -> None:
+        self._free_by_start[start] = count
+        self._free_by_end[start + count] = start
+        starts = self._free_by_count.get(count)
+        if starts is None:
+            self._free_by_count[count] = {start: None}
+            bisect.insort(self._free_counts, count)
+        else:
+            starts[start] = None
+
+    def _remove_free(self, start: int, count: int) -> None:
+        del self._free_by_start[start]
+        del self._free_by_end[start + count]
+        starts = self._free_by_count[count]
+        del starts[start]
+        if not starts:
+            del self._free_by_count[count]
+            del self._free_counts[bisect.bisect_left(self._free_counts, count)]

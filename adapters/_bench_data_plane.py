@@ -40,12 +40,15 @@ def tokens_for(megabytes: int) -> int:
 
 
 def settings_for(tokens: int, resumes: int, data_plane: str = "mooncake") -> Settings:
-    """A pool of one round's share (the default guess is all of it), so the room takes
-    exactly ``resumes`` resume rounds."""
+    """The default guess is one round's share, so the room takes exactly ``resumes`` resume
+    rounds: with one resume the pool holds two shares (the rest fits in free blocks, so the
+    receiver asks for it before moving round 0's rows out: the pipelined path); with more,
+    the pool holds one share (every round waits for the last one's blocks)."""
     block = 128
     blocks = -(-tokens // block)
     per_round = -(-blocks // (resumes + 1))
-    return Settings(block_size=block, default_blocks=per_round, pool_blocks=per_round,
+    pool = per_round * 2 if resumes == 1 else per_round
+    return Settings(block_size=block, default_blocks=per_round, pool_blocks=pool,
                     hidden_size=HIDDEN, dtype="bfloat16", bootstrap_timeout=120, waiting_timeout=120,
                     transfer_timeout=120, data_plane=data_plane)
 
@@ -256,6 +259,13 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
             row.ratio("embxfer_mooncake/memcpy", "embxfer_mooncake", "memcpy")
             row.ratio("embxfer_mooncake/pickle_zmq", "embxfer_mooncake", "pickle_zmq")
             row.ratio("embxfer_zmq/pickle_zmq", "embxfer_zmq", "pickle_zmq")
+            row.ratio("embxfer_zmq/embxfer_mooncake", "embxfer_zmq", "embxfer_mooncake")
+            if 16 <= megabytes <= 64 and resume == 1:
+                row.target("embxfer_mooncake/raw_mooncake", ">=", 0.9, "embxfer ÷ raw Mooncake ≥ 0.9 at 16–64 MB, one resume")
+            if 4 <= megabytes <= 64:
+                row.target("embxfer_mooncake/pickle_zmq", ">=", 2.0, "embxfer over Mooncake ≥ 2× pickle over ZeroMQ")
+            if 1 <= megabytes <= 16 and resume == 0:
+                row.target("embxfer_zmq/embxfer_mooncake", ">=", 1.5, "zero-copy ZeroMQ plane ≥ 1.5× Mooncake TCP")
             case.rows.append(row)
     case.verified = True  # every transport's first run was compared byte for byte (or raised)
     case.notes.append("mc = ZeroMQ control + Mooncake TCP writes; raw mc = one transfer_sync_write of the same bytes; "

@@ -293,13 +293,27 @@ class Receiver:
             )
             return actions
         # rows leave the pool before the blocks go back, and before anything reuses them
-        actions.append(CollectRows(record.room, record.round, allocation, record.sent_tokens, expected, record.aux))
+        collect = CollectRows(record.room, record.round, allocation, record.sent_tokens, expected, record.aux)
         record.allocation = None
         record.requested = False
-        self._free(allocation)
         record.sent_tokens += expected
         record.rounds += 1
         self.stats["rows_received"] += expected
+        remaining = record.aux.total_tokens - record.sent_tokens
+        if remaining and not self._waiting_resume and self.allocator.blocks_for(remaining) <= self.allocator.free_blocks:
+            # pipelined: the rest fits in blocks that are free already (so the round is no
+            # smaller than it would be after freeing these), so the resume goes out first
+            # and the sender writes the next round while these rows move out of the pool
+            if self._step(record, "round_partial", now, actions):
+                record.round += 1
+                self._grant_resume(record, now, actions)
+                self.stats["resumes_pipelined"] += 1
+            actions.append(collect)
+            self._free(allocation)
+            self._serve_waiting(now, actions)
+            return actions
+        actions.append(collect)
+        self._free(allocation)
         if record.sent_tokens == record.aux.total_tokens:
             if self._step(record, "round_complete", now, actions):
                 self.stats["rooms_succeeded"] += 1
@@ -374,17 +388,7 @@ class Receiver:
             record = self.rooms.get(self._waiting_resume.popleft())
             if record is None or record.state != TRANSFERRING:
                 continue
-            assert record.aux is not None
-            remaining = record.aux.total_tokens - record.sent_tokens
-            allocation = allocator.alloc_up_to(remaining, owner=record.room)
-            assert allocation is not None
-            record.allocation = allocation
-            record.requested = True
-            actions.append(SendMessage(Resume(
-                record.room, self.rank, record.round, record.sent_tokens,
-                min(allocation.capacity_tokens, remaining), allocation.extents,
-            )))
-            self._step(record, "resume_sent", now, actions)
+            self._grant_resume(record, now, actions)
         while self._waiting_init:
             record = self.rooms.get(self._waiting_init[0])
             if record is None or record.state != BOOTSTRAPPING:
@@ -402,6 +406,20 @@ class Receiver:
                 allocation.capacity_tokens, allocation.extents,
             )))
             self._step(record, "init_sent", now, actions)
+
+    def _grant_resume(self, record: _ReceiverRoom, now: float, actions: list[Action]) -> None:
+        """Give a room between rounds whatever free blocks its rest needs and ask for it."""
+        assert record.aux is not None
+        remaining = record.aux.total_tokens - record.sent_tokens
+        allocation = self.allocator.alloc_up_to(remaining, owner=record.room)
+        assert allocation is not None
+        record.allocation = allocation
+        record.requested = True
+        actions.append(SendMessage(Resume(
+            record.room, self.rank, record.round, record.sent_tokens,
+            min(allocation.capacity_tokens, remaining), allocation.extents,
+        )))
+        self._step(record, "resume_sent", now, actions)
 
     def _step(self, record: _ReceiverRoom, trigger: str, now: float, actions: list[Action]) -> bool:
         try:

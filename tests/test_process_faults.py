@@ -97,6 +97,8 @@ def test_kill_9_encode_mid_resume_then_a_restarted_encode_at_the_same_address(pr
         detected = time.monotonic() - killed_at
         assert told and all(state == Poll.Failed for state in states.values()), states
         assert detected <= DEATH_LIMIT + SLACK
+        print(f"[faults] kill -9 encode: {len(told)} rooms in flight failed within {detected:.2f} s "
+              f"(heartbeat limit {DEATH_LIMIT:g} s)")
         for room in told:
             assert "encode peer silent" in client.failure(room) and "peer dead" in client.failure(room)
         stats = client.stats()
@@ -142,6 +144,7 @@ def test_kill_9_language_mid_transfer_then_a_new_language_process_reusing_room_i
         stats = server.stats()
         assert stats["peers_lost"] == 1 and stats["failed:peer_lost"] >= 1
         assert detected <= DEATH_LIMIT + SLACK
+        print(f"[faults] kill -9 language: {stats['failed:peer_lost']} rooms failed, all ended within {detected:.2f} s")
         wait_until(server, lambda: server.sources_held() == 0, 30, "every source released")
         # a new language process, same rank, room ids from 0 again: a new incarnation
         again = language(server.bootstrap_addr, 20, "--no-progress", env={**os.environ, **FAULT_ENV})
@@ -172,6 +175,7 @@ def test_dropped_control_socket_fails_rooms_on_both_sides_then_recovers() -> Non
         wait_until(server, lambda: server.poll(1) == Poll.Failed, DEATH_LIMIT + SLACK, "the encode side gave up")
         assert server.failure(1).startswith("receiver rank 0 silent")
         assert time.monotonic() - dropped_at <= DEATH_LIMIT + SLACK
+        print(f"[faults] control socket dropped: both sides failed the room within {time.monotonic() - dropped_at:.2f} s")
         client.restore_control()
         wait_until(client, lambda: client.endpoint.peer_ready, 30, "registered again")
         data = room_data(SEED, 2, settings)

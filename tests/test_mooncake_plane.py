@@ -48,3 +48,29 @@ def test_missing_mooncake_is_one_clear_line_and_demo_falls_back(monkeypatch, cap
     assert lines[0].startswith("embxfer: Mooncake transfer engine is not available") and "pip install" in lines[0]
     assert lines[1] == "embxfer: falling back to --transport loopback (both sides simulated in this process)"
     assert "transport loopback" in captured.out and "6 succeeded, 0 failed" in captured.out
+
+
+def test_small_rooms_are_staged_in_the_registered_arena_and_large_ones_registered():
+    """Small rooms are copied into one registered arena (no per-room registration); their
+    arena blocks come back when the source is released; big rooms register their tensors."""
+    with connect_local(S) as link:
+        writer = link.sender.writer
+        rx = link.receivers[0]
+        small, big = room_data(2, 1, S, num_tokens=20), room_data(2, 2, S, num_tokens=9000)
+        rx.init(1)
+        link.sender.send(1, small)
+        assert rx.wait(1, timeout=60) == Poll.Success and rx.take(1).same_bytes(small)
+        released(link.sender)
+        arena = writer._arena
+        assert arena is not None and arena.blocks.free_blocks == arena.blocks.pool_blocks
+        registered = dict(link.sender.engine._registered)
+        rx.init(2)
+        link.sender.send(2, big)  # 9000 x 32 float32 rows: 1.1 MB, over the arena's limit
+        assert rx.wait(2, timeout=60) == Poll.Success and rx.take(2).same_bytes(big)
+        released(link.sender)  # the sender lets the source go just after the receiver's Success
+        assert link.sender.engine._registered == registered  # its own tensors came and went
+
+
+def released(server) -> None:  # type: ignore[no-untyped-def]
+    with server.changed:
+        assert server.changed.wait_for(lambda: server.sources_held() == 0, 30)

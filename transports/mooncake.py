@@ -24,11 +24,15 @@ from typing import Any
 import attrs
 import torch
 
-from embxfer.core import PoolLayout, WriteRows
+from embxfer.core import Allocation, Allocator, PoolLayout, Settings, WriteRows
 from embxfer.specs.schemas import AUX_WORDS
 
 from .buffers import PoolBuffers, SourceRows
 
+ARENA_BYTES = 32 << 20  # the registered staging arena for small rooms
+ARENA_BLOCK = 4096
+SMALL_ROOM_BYTES = 1 << 20  # rooms up to this size are copied into the arena, not registered
+PEER_WRITES = 3  # writes in flight to one peer
 SLOW_FAILURE = 0.9  # s: a write failing slower than this is a peer not answering, not retried
 
 INSTALL_HINT = (
@@ -125,8 +129,52 @@ def layout_of(pool: PoolBuffers, rank: int) -> PoolLayout:
 
 @attrs.define
 class _Staged:
-    source: SourceRows
+    source: SourceRows | _ArenaRows
     aux: torch.Tensor
+    arena_blocks: Allocation | None = None  # set when the rows were copied into the arena
+
+
+@attrs.define
+class _ArenaRows:
+    """A small room's rows copied into the registered staging arena (what ``_batch`` reads)."""
+
+    embeddings: torch.Tensor
+    fill_ids: torch.Tensor
+    mrope: torch.Tensor
+    num_tokens: int
+
+
+class _StagingArena:
+    """One registered buffer small rooms are copied into: registering a room's tensors costs
+    ~45 µs each (four a room, and as much again to unregister), copying a few KiB far less."""
+
+    def __init__(self, engine: MooncakeEngine) -> None:
+        self.buffer = torch.empty(ARENA_BYTES, dtype=torch.uint8)
+        engine.register(self.buffer)
+        self.blocks = Allocator(Settings(block_size=1, default_blocks=1, pool_blocks=ARENA_BYTES // ARENA_BLOCK))
+
+    def stage(self, source: SourceRows) -> tuple[_ArenaRows, torch.Tensor, Allocation] | None:
+        parts = (source.embeddings, source.fill_ids, source.mrope, torch.zeros(AUX_WORDS, dtype=torch.int64))
+        offsets, total = [], 0
+        for part in parts:
+            offsets.append(total)
+            total += -(-part.numel() * part.element_size() // 64) * 64  # 64-byte aligned sections
+        if total > SMALL_ROOM_BYTES:
+            return None
+        blocks = self.blocks.alloc(-(-total // ARENA_BLOCK))
+        if blocks is None:
+            return None  # the arena is full: this room registers its own tensors
+        if len(blocks.extents) != 1:
+            self.blocks.free(blocks)
+            return None
+        base = blocks.extents[0][0] * ARENA_BLOCK
+        views = []
+        for part, offset in zip(parts, offsets):
+            nbytes = part.numel() * part.element_size()
+            view = self.buffer[base + offset: base + offset + nbytes].view(part.dtype).view(part.shape)
+            view.copy_(part)
+            views.append(view)
+        return _ArenaRows(views[0], views[1], views[2], source.num_tokens), views[3], blocks
 
 
 class MooncakeWriter:
@@ -136,17 +184,27 @@ class MooncakeWriter:
     control loop (it must not touch the core from there).
     """
 
-    def __init__(self, engine: MooncakeEngine, block_size: int, workers: int = 4) -> None:
+    def __init__(self, engine: MooncakeEngine, block_size: int, workers: int = 6) -> None:
         self.engine = engine
         self.block_size = block_size
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embxfer-write")
         self._staged: dict[int, _Staged] = {}
-        # writes to one peer run one at a time, in order: a peer that does not answer holds
-        # one worker (for a connect timeout per write), never all of them
+        self._arena: _StagingArena | None = None
+        # at most PEER_WRITES writes to one peer at a time, the rest in order behind them: a
+        # peer that does not answer holds that many workers (for a connect timeout a write),
+        # never all of them
         self._target_lock = threading.Lock()
+        self._target_running: dict[str, int] = {}
         self._target_queues: dict[str, deque[Callable[[], None]]] = {}
 
     def stage(self, room: int, source: SourceRows) -> None:
+        if self._arena is None:
+            self._arena = _StagingArena(self.engine)  # registered once, on first use
+        copied = self._arena.stage(source)
+        if copied is not None:
+            rows, aux, blocks = copied
+            self._staged[room] = _Staged(rows, aux, blocks)
+            return
         aux = torch.zeros(AUX_WORDS, dtype=torch.int64)
         for tensor in (source.embeddings, source.fill_ids, source.mrope, aux):
             self.engine.register(tensor)
@@ -154,9 +212,14 @@ class MooncakeWriter:
 
     def release(self, room: int) -> None:
         staged = self._staged.pop(room, None)
-        if staged is not None:
-            for tensor in (staged.source.embeddings, staged.source.fill_ids, staged.source.mrope, staged.aux):
-                self.engine.unregister(tensor)
+        if staged is None:
+            return
+        if staged.arena_blocks is not None:
+            assert self._arena is not None
+            self._arena.blocks.free(staged.arena_blocks)  # no write reads them any more
+            return
+        for tensor in (staged.source.embeddings, staged.source.fill_ids, staged.source.mrope, staged.aux):
+            self.engine.unregister(tensor)
 
     def submit(self, write: WriteRows, target: str, layout: PoolLayout,
                on_done: Callable[[WriteRows, "str | None"], None]) -> None:
@@ -182,18 +245,21 @@ class MooncakeWriter:
                 self._next_for(target)
 
         with self._target_lock:
-            waiting = self._target_queues.get(target)
-            if waiting is not None:
-                waiting.append(run)  # this peer's write in flight runs it next
+            running = self._target_running.get(target, 0)
+            if running >= PEER_WRITES:
+                self._target_queues.setdefault(target, deque()).append(run)  # a write to it that ends runs this
                 return
-            self._target_queues[target] = deque()
+            self._target_running[target] = running + 1
         self._pool.submit(run)
 
     def _next_for(self, target: str) -> None:
         with self._target_lock:
-            waiting = self._target_queues[target]
+            waiting = self._target_queues.get(target)
             if not waiting:
-                del self._target_queues[target]
+                self._target_queues.pop(target, None)
+                self._target_running[target] -= 1
+                if not self._target_running[target]:
+                    del self._target_running[target]
                 return
             following = waiting.popleft()
         try:

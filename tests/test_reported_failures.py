@@ -30,7 +30,7 @@ def pending_of(link, kind: str) -> list[int]:  # type: ignore[no-untyped-def]
 
 def all_free(link) -> bool:  # type: ignore[no-untyped-def]
     free = link.free_blocks()
-    return free["receivers"] == [S.pool_blocks] * len(link.receivers) and free["sender_sources_held"] == 0
+    return free["receivers"] == [link.settings.pool_blocks] * len(link.receivers) and free["sender_sources_held"] == 0
 
 
 def test_sglang_6857_a_finished_room_is_never_queued_again() -> None:
@@ -153,3 +153,23 @@ def test_sglang_15674_mismatched_rank_counts_fail_the_room_with_a_reason_not_a_h
     receiver.init(7, 0.0)
     receiver.receive(Abort(7, 0, told[0]), 0.2)
     assert receiver.poll(7) == Poll.Failed and receiver.allocator.free_blocks == S.pool_blocks
+
+
+def test_sglang_10110_no_room_hangs_in_bootstrapping_at_high_load() -> None:
+    """2,000 rooms initialised at once against a 4-block pool: each waits its turn (first
+    come, first served) and every one leaves Bootstrapping and succeeds, rows exact."""
+    settings = attrs.evolve(S, pool_blocks=4, bootstrap_timeout=1e6, waiting_timeout=1e6, transfer_timeout=1e6,
+                            quarantine_timeout=3e6)
+    link = connect_loopback(settings)
+    rx = link.receivers[0]
+    rooms = range(2000)
+    sent = {room: rows(1 + room % 23, settings, room) for room in rooms}
+    for room in rooms:
+        rx.init(room)
+    assert sum(rx.poll(room) == Poll.Bootstrapping for room in rooms) >= 1990  # all but the first few wait
+    for room, data in sent.items():
+        link.sender.send(room, data)
+    link.run_until_idle()
+    assert all(rx.poll(room) == Poll.Success for room in rooms)
+    assert all(rx.take(room).same_bytes(data) for room, data in sent.items())
+    assert all_free(link)

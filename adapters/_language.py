@@ -90,10 +90,16 @@ class LanguageClient(_Runtime):
 
     def drop_control(self) -> None:
         """Fault injection: cut the control connection (as a network partition would)."""
-        self._on_loop(lambda: self.socket.disconnect(self._bootstrap_endpoint))
+        def drop() -> None:
+            self.socket.disconnect(self._bootstrap_endpoint)
+
+        self._on_loop(drop)
 
     def restore_control(self) -> None:
-        self._on_loop(lambda: self.socket.connect(self._bootstrap_endpoint))
+        def restore() -> None:
+            self.socket.connect(self._bootstrap_endpoint)
+
+        self._on_loop(restore)
 
     def close(self, reason: str = "shutdown") -> int:
         aborted = super().close(reason)

@@ -71,16 +71,31 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_parser.add_parser(commands)
 
-    check = commands.add_parser("check", help="explore every interleaving of the real core (bounded)")
-    check.add_argument("--receivers", type=int, default=1)
+    check = commands.add_parser(
+        "check", help="explore every interleaving of the real core (bounded)",
+        description="Breadth-first over every interleaving of the real Sender and Receiver: messages delivered in "
+                    "any order within --max-delay, and up to the given number of drops, duplicates, aborts and "
+                    "crashes; time jumps to the next deadline (timeouts) or latest arrival. Blocks of 2 tokens, a "
+                    "default guess of 1 block: lengths 1-2 need no resume, 3-6 one, 7-10 two, 11-14 three with the "
+                    "default 2-block pool.",
+    )
+    check.add_argument("--receivers", type=int, default=1, help="receiver ranks (required_dst_info_num), default 1")
     check.add_argument("--lengths", type=int, nargs="+", default=[5],
-                       help="tokens per room (block size 2, default guess 1 block, pool 2 blocks)")
-    check.add_argument("--drops", type=int, default=1)
-    check.add_argument("--duplicates", type=int, default=1)
-    check.add_argument("--aborts", type=int, default=1)
-    check.add_argument("--crashes", type=int, default=0)
-    check.add_argument("--depth", type=int, default=60, help="longest event sequence explored")
-    check.add_argument("--max-states", type=int, default=2_000_000)
+                       help="tokens per room, one room each (default: 5, one resume round)")
+    check.add_argument("--pool-blocks", type=int, default=2,
+                       help="receiver pool in 2-token blocks (default 2: two rooms wait for each other's blocks; "
+                            "1 makes every init wait)")
+    check.add_argument("--drops", type=int, default=1, help="messages or writes lost, at most (default 1)")
+    check.add_argument("--duplicates", type=int, default=1, help="control messages delivered twice, at most (default 1)")
+    check.add_argument("--aborts", type=int, default=1, help="aborts by either side, at most (default 1)")
+    check.add_argument("--crashes", type=int, default=0, help="endpoints that stop for good, at most (default 0)")
+    check.add_argument("--max-delay", type=float, default=10.0,
+                       help="seconds a message or write may stay in flight, at most (default 10: a room timeout)")
+    check.add_argument("--quarantine-timeout", type=float, default=45.0,
+                       help="seconds a failed room's blocks stay quarantined (default 45; the protocol needs more than "
+                            "bootstrap + waiting timeouts (10 + 10) + 2 x max delay)")
+    check.add_argument("--depth", type=int, default=60, help="longest event sequence explored (default 60)")
+    check.add_argument("--max-states", type=int, default=2_000_000, help="give up beyond this many states")
 
     diagram = commands.add_parser("diagram", help="print the mermaid state diagrams")
     diagram.add_argument("--write", action="store_true", help="rewrite specs/diagrams/*.mmd")
@@ -113,24 +128,48 @@ def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from embxfer.specs.checker import Config, explore
+    from embxfer.specs.checker import Config, checker_settings, explore, resume_rounds
 
+    bounds = [("--receivers", args.receivers, 1), ("--lengths", min(args.lengths), 1), ("--pool-blocks", args.pool_blocks, 1),
+              ("--drops", args.drops, 0), ("--duplicates", args.duplicates, 0), ("--aborts", args.aborts, 0),
+              ("--crashes", args.crashes, 0), ("--depth", args.depth, 0), ("--max-states", args.max_states, 1),
+              ("--max-delay", args.max_delay, 0)]
+    for flag, value, least in bounds:
+        if value < least:
+            print(f"embxfer check: {flag} must be at least {least}, got {value}", file=sys.stderr)
+            return 2
+    settings = checker_settings(args.pool_blocks, quarantine_timeout=args.quarantine_timeout)
     config = Config(receivers=args.receivers, lengths=tuple(args.lengths), drops=args.drops, duplicates=args.duplicates,
-                    aborts=args.aborts, crashes=args.crashes, max_depth=args.depth)
-    print(f"embxfer check — {args.receivers} receiver(s), room lengths {list(config.lengths)}, faults: "
-          f"{args.drops} drop, {args.duplicates} duplicate, {args.aborts} abort, {args.crashes} crash; depth <= {args.depth}")
-    result = explore(config, max_states=args.max_states)
-    print(f"  states explored {result.states}, deepest {result.depth} events, {result.seconds:.1f} s"
+                    aborts=args.aborts, crashes=args.crashes, max_depth=args.depth, settings=settings,
+                    max_delay=args.max_delay)
+    rounds = ", ".join(f"{n} ({resume_rounds(n, settings)} resume{'s' if resume_rounds(n, settings) != 1 else ''})"
+                       for n in config.lengths)
+    print(f"embxfer check — {args.receivers} receiver(s), rooms of {rounds} tokens, pool {args.pool_blocks} x "
+          f"{settings.block_size}-token blocks; faults: {args.drops} drop, {args.duplicates} duplicate, {args.aborts} abort, "
+          f"{args.crashes} crash; any delivery order within {args.max_delay:g} s; timeouts (quarantine "
+          f"{settings.quarantine_timeout:g} s); depth <= {args.depth}")
+
+    def progress(states: int, depth: int, seconds: float) -> None:
+        print(f"  ... {states} states, depth {depth}, {seconds:.0f} s", file=sys.stderr, flush=True)
+
+    try:
+        result = explore(config, max_states=args.max_states, progress=progress)
+    except RuntimeError as error:
+        print(f"embxfer check: {error}", file=sys.stderr)
+        return 2
+    print(f"  states explored {result.states}, deepest {result.depth} events, {result.seconds:.1f} s "
+          f"({result.rate:,.0f} states/s), {result.quiescent} quiescent states checked"
           + (f", {result.truncated} states cut at the depth bound" if result.truncated else ""))
     if result.violation:
         print("  VIOLATION:")
         for problem in result.violation:
             print(f"    {problem}")
-        print("  shortest trace:")
-        for step, event in enumerate(result.trace or (), 1):
-            print(f"    {step:>2}. {' '.join(str(part) for part in event)}")
+        print(f"  shortest trace ({len(result.trace or ())} events):")
+        for step, words in enumerate(result.described or (), 1):
+            print(f"    {step:>2}. {words}")
         return 1
-    print("  no violation: every invariant held in every state; no deadlock; every room ended")
+    print("  no violation: every invariant held in every state; no deadlock; every room ended"
+          + ("" if not result.truncated else " (within the depth bound)"))
     return 0
 
 

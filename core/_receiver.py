@@ -280,8 +280,9 @@ class Receiver:
                 self._fail(record, "fail", problem, now, actions)
                 return actions
             record.aux = aux
-            self.prealloc.observe(aux.total_tokens)
         assert record.aux is not None
+        if message.round == 0:
+            self.prealloc.observe(record.aux.total_tokens)
         expected = min(record.aux.total_tokens - record.sent_tokens, allocation.capacity_tokens)
         if message.round == 0:  # how good the first guess was: slots handed out and left unused
             self.stats["round0_slots_allocated"] += allocation.capacity_tokens

@@ -143,7 +143,7 @@ class Allocator:
         """``ceil(num_tokens / block_size)`` blocks, or None when the pool cannot give them all."""
         if num_tokens <= 0:
             raise AllocatorError(f"num_tokens must be positive, got {num_tokens}", field="num_tokens")
-        return self._take(self.blocks_for(num_tokens), owner)
+        return self._take(-(-num_tokens // self.block_size), owner)
 
     def alloc_up_to(self, num_tokens: int, owner: Hashable = None) -> Allocation | None:
         """As many blocks as are free now, up to what ``num_tokens`` needs; None when none are."""
@@ -197,13 +197,14 @@ class Allocator:
                     break
             extents = tuple(taken)
         self._free_count -= num_blocks
-        allocation = Allocation(next(self._serial), self.id, extents, self.block_size, owner, num_blocks)
+        serial = next(self._serial)
+        allocation = Allocation(serial, self.id, extents, self.block_size, owner, num_blocks)
         owners = self._block_owner
         for start, count in extents:
             if owners[start:start + count].count(None) != count:
                 raise AssertionError(f"a block of {start}..{start + count - 1} handed out twice")
-            owners[start:start + count] = [allocation.id] * count
-        self._live[allocation.id] = allocation
+            owners[start:start + count] = [serial] * count
+        self._live[serial] = allocation
         self.allocations_made += 1
         return allocation
 
@@ -217,7 +218,6 @@ class Allocator:
         owners = self._block_owner
         for start, count in allocation.extents:
             owners[start:start + count] = [None] * count
-        for start, count in allocation.extents:
             self._insert_free(start, count)
         self._free_count += allocation.num_blocks
         self.allocations_freed += 1

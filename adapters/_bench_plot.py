@@ -30,7 +30,7 @@ def write_png(result: dict[str, Any], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotUnavailable("--plot needs matplotlib: pip install 'embxfer[plot]'") from None
-    figure, axes = plt.subplots(2, 2, figsize=(15, 10))
+    figure, axes = plt.subplots(2, 2, figsize=(16, 12))
     cases = result["cases"]
     _data_plane_bars(axes[0][0], cases.get("data-plane"))
     _data_plane_ratios(axes[0][1], cases.get("data-plane"))
@@ -128,7 +128,7 @@ def _targets(ax: Any, targets: list[dict[str, Any]]) -> None:
             room = value / threshold if threshold else float("inf")
         else:
             room = threshold / value if value else float("inf")
-        labels.append(f"{target['case']}: {target['row']}\n{target['description']}")
+        labels.append(f"{target['row']}: {target['description']}")
         headroom.append(min(room, 100.0))
         colours.append("tab:green" if target["met"] else "tab:red")
     positions = range(len(labels))

@@ -1,4 +1,4 @@
-"""The ``embxfer`` command line: ``demo``, ``serve-encode``, ``serve-language``, ``diagram``."""
+"""The ``embxfer`` command line: ``demo``, ``serve-encode``, ``serve-language``, ``bench``, ``check``, ``diagram``."""
 
 from __future__ import annotations
 

@@ -279,14 +279,14 @@ class Receiver:
             if problem:
                 self._fail(record, "fail", problem, now, actions)
                 return actions
+            assert aux is not None
             record.aux = aux
-        assert record.aux is not None
-        if message.round == 0:
-            self.prealloc.observe(record.aux.total_tokens)
-        expected = min(record.aux.total_tokens - record.sent_tokens, allocation.capacity_tokens)
-        if message.round == 0:  # how good the first guess was: slots handed out and left unused
+            self.prealloc.observe(aux.total_tokens)
+            # how good the first guess was: slots handed out and left unused
             self.stats["round0_slots_allocated"] += allocation.capacity_tokens
-            self.stats["round0_slots_unused"] += allocation.capacity_tokens - expected
+            self.stats["round0_slots_unused"] += max(0, allocation.capacity_tokens - aux.total_tokens)
+        assert record.aux is not None
+        expected = min(record.aux.total_tokens - record.sent_tokens, allocation.capacity_tokens)
         if message.written_tokens != expected:
             self._fail(
                 record, "fail",
@@ -301,21 +301,18 @@ class Receiver:
         record.rounds += 1
         self.stats["rows_received"] += expected
         remaining = record.aux.total_tokens - record.sent_tokens
-        if remaining and not self._waiting_resume and self.allocator.blocks_for(remaining) <= self.allocator.free_blocks:
-            # pipelined: the rest fits in blocks that are free already (so the round is no
-            # smaller than it would be after freeing these), so the resume goes out first
-            # and the sender writes the next round while these rows move out of the pool
-            if self._step(record, "round_partial", now, actions):
-                record.round += 1
-                self._grant_resume(record, now, actions)
-                self.stats["resumes_pipelined"] += 1
-            actions.append(collect)
-            self._free(allocation)
-            self._serve_waiting(now, actions)
-            return actions
+        # pipelined when the rest fits in blocks free already (the round is then no smaller
+        # than after freeing these): the resume goes out first and the sender writes the
+        # next round while these rows move out of the pool
+        pipelined = bool(remaining) and not self._waiting_resume and (
+            self.allocator.blocks_for(remaining) <= self.allocator.free_blocks)
+        if pipelined and self._step(record, "round_partial", now, actions):
+            record.round += 1
+            self._grant_resume(record, now, actions)
+            self.stats["resumes_pipelined"] += 1
         actions.append(collect)
         self._free(allocation)
-        if record.sent_tokens == record.aux.total_tokens:
+        if not remaining:
             if self._step(record, "round_complete", now, actions):
                 self.stats["rooms_succeeded"] += 1
                 self.stats[f"resume_rounds:{record.rounds - 1}"] += 1
@@ -323,7 +320,7 @@ class Receiver:
                 self.histograms["resume_rounds"].observe(record.rounds - 1)
                 self.histograms["room_tokens"].observe(record.aux.total_tokens)
                 actions.append(RoomFinished(record.room, Poll.Success, round=record.round))
-        elif self._step(record, "round_partial", now, actions):
+        elif not pipelined and self._step(record, "round_partial", now, actions):
             record.round += 1
             self._waiting_resume.append(record.room)
         self._serve_waiting(now, actions)

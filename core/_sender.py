@@ -151,14 +151,15 @@ class Sender:
         """A control message from a receiver rank."""
         if isinstance(message, Register):
             return self._on_register(message, now)
+        if isinstance(message, Heartbeat) and self._liveness.incarnation(message.rank) != message.incarnation:
+            self.stats["stale_heartbeats"] += 1  # from an incarnation we no longer serve
+            return []
         rank = getattr(message, "rank", None)
-        if isinstance(message, Heartbeat):
-            if self._liveness.incarnation(message.rank) != message.incarnation:
-                self.stats["stale_heartbeats"] += 1  # from an incarnation we no longer serve
-                return []
-            self.stats["heartbeats_received"] += 1
         if rank is not None and self._liveness.heard(rank, now):
             self.stats["peers_revived"] += 1
+        if isinstance(message, Heartbeat):
+            self.stats["heartbeats_received"] += 1
+            return []
         if isinstance(message, Init):
             return self._on_init(message, now)
         if isinstance(message, Resume):
@@ -167,8 +168,6 @@ class Sender:
             return self._on_abort(message, now)
         if isinstance(message, AbortAck):
             self.stats["abort_acks_received"] += 1
-            return []
-        if isinstance(message, Heartbeat):
             return []
         self.stats["stray_dropped"] += 1
         return []

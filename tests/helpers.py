@@ -33,3 +33,26 @@ def resume_rounds(receiver, room_count: int | None = None) -> dict[int, int]:  #
         for key, count in receiver.endpoint.stats.items()
         if key.startswith("resume_rounds:")
     }
+
+
+def all_free(link) -> bool:  # type: ignore[no-untyped-def]
+    """Every receiver pool whole again and no sender source still held (any kind of link)."""
+    free = link.free_blocks()
+    return free["receivers"] == [link.settings.pool_blocks] * len(link.receivers) and free["sender_sources_held"] == 0
+
+
+def control(link, kind: str, dst: str | None = None) -> list[int]:  # type: ignore[no-untyped-def]
+    """Indices of pending loopback control messages of one kind (by decoding the frames)."""
+    from embxfer.core import decode
+
+    return [
+        i for i, p in enumerate(link.network.pending)
+        if not p.is_data and type(decode(p.frames)).__name__ == kind and (dst is None or p.dst == dst)
+    ]
+
+
+def wait_until(runtime, condition, timeout: float, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Wait on a real runtime's condition variable: its I/O thread signals after every wake-up
+    (messages, completions, heartbeats), so the condition is re-checked as things change."""
+    with runtime.changed:
+        assert runtime.changed.wait_for(condition, timeout), f"{what}: not within {timeout} s"

@@ -13,6 +13,8 @@ from embxfer.adapters.workload import room_data
 from embxfer.core import Settings
 from embxfer.specs import invariants
 
+from helpers import wait_until
+
 
 class Harness:
     """Drive either kind of link with the same calls."""
@@ -49,8 +51,7 @@ class Harness:
             # the encode side lets a source go when the last write's completion reaches its
             # I/O thread, which may be just after the receiver saw Success
             sender = self.link.sender
-            with sender.changed:
-                sender.changed.wait_for(lambda: sender.sources_held() == 0, 30)
+            wait_until(sender, lambda: sender.sources_held() == 0, 30, "every source released")
         free = self.link.free_blocks()
         assert free["receivers"] == [self.settings.pool_blocks] * len(self.link.receivers)
         assert free["sender_sources_held"] == 0

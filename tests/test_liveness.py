@@ -16,7 +16,7 @@ from embxfer.core import (
     Abort, Heartbeat, Init, Receiver, Register, Registered, SendMessage, Sender, Settings, Status,
 )
 
-from helpers import rows
+from helpers import all_free, rows
 
 LIVE = Settings(
     block_size=4, default_blocks=2, pool_blocks=6, hidden_size=8, dtype="float32",
@@ -24,11 +24,6 @@ LIVE = Settings(
     heartbeat_interval=1.0, heartbeat_misses=3,
 )
 DEATH_BOUND = LIVE.heartbeat_interval * LIVE.heartbeat_misses + LIVE.heartbeat_interval
-
-
-def all_free(link) -> bool:  # type: ignore[no-untyped-def]
-    free = link.free_blocks()
-    return free["receivers"] == [link.settings.pool_blocks] * len(link.receivers) and free["sender_sources_held"] == 0
 
 
 def advance_until(link, condition, limit: float, step: float = 0.25) -> float:  # type: ignore[no-untyped-def]

@@ -9,28 +9,12 @@ from embxfer.adapters import EmbeddingData, Poll, connect_loopback
 from embxfer.core import Abort, LocalProtocolError, Settings, Status, encode
 from embxfer.specs import invariants
 
-from helpers import SMALL, resume_rounds, rows, transfer
+from helpers import SMALL, all_free, control, resume_rounds, rows, transfer
 
 TIMED = Settings(
     block_size=4, default_blocks=2, pool_blocks=6, hidden_size=8, dtype="float32",
     bootstrap_timeout=5.0, waiting_timeout=7.0, transfer_timeout=9.0, quarantine_timeout=11.0,
 )
-
-
-def all_free(link):
-    return all(f == link.settings.pool_blocks for f in link.free_blocks()["receivers"]) and (
-        link.free_blocks()["sender_sources_held"] == 0
-    )
-
-
-def control(link, kind, dst=None):
-    """Indices of pending control messages of one kind (by decoding the frames)."""
-    from embxfer.core import decode
-
-    return [
-        i for i, p in enumerate(link.network.pending)
-        if not p.is_data and type(decode(p.frames)).__name__ == kind and (dst is None or p.dst == dst)
-    ]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

@@ -8,6 +8,8 @@ from embxfer.adapters.workload import room_data
 from embxfer.core import Settings
 from embxfer.transports import mooncake
 
+from helpers import wait_until
+
 S = Settings(block_size=16, default_blocks=2, pool_blocks=8, hidden_size=32, dtype="float32",
              transfer_timeout=30.0, waiting_timeout=30.0)
 
@@ -60,17 +62,13 @@ def test_small_rooms_are_staged_in_the_registered_arena_and_large_ones_registere
         rx.init(1)
         link.sender.send(1, small)
         assert rx.wait(1, timeout=60) == Poll.Success and rx.take(1).same_bytes(small)
-        released(link.sender)
+        wait_until(link.sender, lambda: link.sender.sources_held() == 0, 30, "the source released")
         arena = writer._arena
         assert arena is not None and arena.blocks.free_blocks == arena.blocks.pool_blocks
         registered = dict(link.sender.engine._registered)
         rx.init(2)
         link.sender.send(2, big)  # 9000 x 32 float32 rows: 1.1 MB, over the arena's limit
         assert rx.wait(2, timeout=60) == Poll.Success and rx.take(2).same_bytes(big)
-        released(link.sender)  # the sender lets the source go just after the receiver's Success
+        # the sender lets the source go just after the receiver's Success
+        wait_until(link.sender, lambda: link.sender.sources_held() == 0, 30, "the source released")
         assert link.sender.engine._registered == registered  # its own tensors came and went
-
-
-def released(server) -> None:  # type: ignore[no-untyped-def]
-    with server.changed:
-        assert server.changed.wait_for(lambda: server.sources_held() == 0, 30)

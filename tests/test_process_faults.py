@@ -19,6 +19,7 @@ from embxfer.adapters import EncodeServer, LanguageClient, Poll
 from embxfer.adapters.workload import room_data
 from embxfer.core import Settings
 
+from helpers import wait_until
 from test_two_process import CLI, SETTINGS as CLI_SETTINGS, language, summary_of
 
 SEED = 5
@@ -51,13 +52,6 @@ def kill(process: subprocess.Popen) -> float:
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     return time.monotonic()
-
-
-def wait_until(runtime, condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    """Wait on the runtime's condition variable: its I/O thread signals after every wake-up
-    (messages, completions, heartbeats), so the condition is re-checked as things change."""
-    with runtime.changed:
-        assert runtime.changed.wait_for(condition, timeout), f"{what}: not within {timeout} s"
 
 
 def terminal_by(client: LanguageClient, rooms: list[int], timeout: float) -> dict[int, Poll]:

@@ -13,24 +13,12 @@ import pytest
 from embxfer.adapters import Poll, connect_loopback
 from embxfer.core import Abort, Init, Receiver, SendMessage, Sender, Settings, Status
 
-from helpers import rows
+from helpers import all_free, control as pending_of, rows
 
 S = Settings(
     block_size=4, default_blocks=2, pool_blocks=6, hidden_size=8, dtype="float32",
     bootstrap_timeout=5.0, waiting_timeout=7.0, transfer_timeout=9.0, quarantine_timeout=20.0,
 )
-
-
-def pending_of(link, kind: str) -> list[int]:  # type: ignore[no-untyped-def]
-    from embxfer.core import decode
-
-    return [i for i, p in enumerate(link.network.pending)
-            if not p.is_data and type(decode(p.frames)).__name__ == kind]
-
-
-def all_free(link) -> bool:  # type: ignore[no-untyped-def]
-    free = link.free_blocks()
-    return free["receivers"] == [link.settings.pool_blocks] * len(link.receivers) and free["sender_sources_held"] == 0
 
 
 def test_sglang_6857_a_finished_room_is_never_queued_again() -> None:

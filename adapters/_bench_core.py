@@ -67,12 +67,12 @@ class OneRoomAtATime:
         return elapsed / rooms
 
 
-def codec_seconds_per_room(messages: list[Message], block_size: int, rooms: int) -> float:
+def codec_seconds_per_room(messages: list[Message], rooms: int) -> float:
     """Encode and decode one room's messages, ``rooms`` times: what the wire costs alone."""
     started = time.perf_counter()
     for _ in range(rooms):
         for message in messages:
-            decode(encode(message), block_size=block_size)
+            decode(encode(message))
     return (time.perf_counter() - started) / rooms
 
 
@@ -95,7 +95,7 @@ def run_core_overhead(rooms: int, repeat: int, step: Step) -> CaseResult:
         for _ in range(repeat):  # in alternation, so a busy machine slows all three alike
             times["with"].append(with_codec.seconds_per_room(rooms))
             times["without"].append(without_codec.seconds_per_room(rooms))
-            times["codec"].append(codec_seconds_per_room(messages, settings.block_size, rooms))
+            times["codec"].append(codec_seconds_per_room(messages, rooms))
         step(f"core {kind}")
         median = {name: statistics.median(values) for name, values in times.items()}
         row = Row(kind, {"kind": kind, "tokens": tokens, "rooms": rooms,

@@ -39,8 +39,7 @@ class CoreLink:
         self._to_complete: deque[WriteRows] = deque()
         self._aux: dict[int, AuxHeader] = {}
         self._to_sender.append(self.receiver.register_message())
-        self._from_receiver(self.receiver.peer_connected(self._tick_clock()))
-        self.pump()
+        self.pump()  # Register, then the sender's Registered
 
     # -- what a bench drives -------------------------------------------------------------
     def start(self, room: int, tokens: int) -> None:
@@ -87,7 +86,7 @@ class CoreLink:
     def _wire(self, message: Message) -> Message:
         if self.wire_log is not None:
             self.wire_log.append(message)
-        return decode(encode(message), block_size=self.settings.block_size) if self.codec else message
+        return decode(encode(message)) if self.codec else message
 
     def _from_sender(self, actions: Iterable[Action]) -> None:
         for action in actions:

@@ -115,7 +115,7 @@ def run_policy(policy: str, lengths: list[tuple[str, int]], in_flight: int, seed
         while network.pending:
             packet = network.pending[0]
             if packet.dst == SENDER and packet.frames:
-                message = decode(packet.frames, block_size=settings.block_size)
+                message = decode(packet.frames)
                 if isinstance(message, Init):
                     first_allocation[message.room] = message.allocated_tokens
                 if isinstance(message, (Init, Resume)):

@@ -15,10 +15,9 @@ from embxfer.core import (
     Action, DecodeError, Init, LocalProtocolError, PoolLayout, Register, Registered, ReleaseSource,
     RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, decode, encode,
 )
-from embxfer.specs.tables import TERMINAL_STATES
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
-from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter, is_zmq_session
+from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter
 
 from ._runtime import _Runtime, new_incarnation
 
@@ -36,15 +35,15 @@ class RowWriter(Protocol):
 class EncodeServer(_Runtime):
     """The encode side: a sender endpoint, the bootstrap/control ROUTER socket, a data plane.
 
-    ``synthetic_seed`` makes it answer every new room with ``room_data(seed, room)``, as
-    ``embxfer serve-encode --synthetic-seed`` does.
+    ``data_for_room(room)``, when given, answers every new room's first init with that
+    room's embedding (``embxfer serve-encode --synthetic-seed`` passes its synthetic
+    workload); without it the application calls ``send``.
     """
 
     def __init__(self, settings: Settings, *, host: str = "127.0.0.1", bootstrap_port: int = 0,
-                 protocol: str = "tcp", device: str = "", synthetic_seed: int | None = None,
+                 protocol: str = "tcp", device: str = "", data_for_room: Callable[[int], EmbeddingData] | None = None,
                  verbose: bool = False, engine: MooncakeEngine | None = None, forget_finished: bool = False) -> None:
         super().__init__(settings, "encode")
-        self.endpoint = Sender(settings, incarnation=new_incarnation())
         # a server nobody polls (serve-encode) forgets each room once it ends, so a
         # long-running process holds records only for rooms in flight
         self.forget_finished = forget_finished
@@ -61,7 +60,8 @@ class EncodeServer(_Runtime):
             self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
             self.writer = MooncakeWriter(self.engine, settings.block_size)
             self.session_id = self.engine.session_id
-        self.synthetic_seed = synthetic_seed
+        self.endpoint = Sender(settings, incarnation=new_incarnation(), session_id=self.session_id)
+        self.data_for_room = data_for_room
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         # a language client reconnecting under its routing id takes its old place over
@@ -73,7 +73,6 @@ class EncodeServer(_Runtime):
             self.port = self.socket.bind_to_random_port(f"tcp://{host}")
         self.bootstrap_addr = f"{host}:{self.port}"
         self._identities: dict[int, bytes] = {}
-        self._layouts: dict[int, PoolLayout] = {}
         self._sessions: dict[int, str] = {}
         self._sources: dict[int, SourceRows] = {}
         self._completions: queue.SimpleQueue[tuple[WriteRows, str | None]] = queue.SimpleQueue()
@@ -118,38 +117,33 @@ class EncodeServer(_Runtime):
         if len(frames) < 2:
             raise DecodeError("frames", "no routing identity")
         identity, payload = frames[0], frames[1:]
-        message = decode(payload, block_size=self.settings.block_size)
+        message = decode(payload)
         now = time.monotonic()
         rank = getattr(message, "rank", None)
         if isinstance(message, Register):
-            if is_zmq_session(message.session_id) != (self.settings.data_plane == "zmq"):
-                # its rows could never reach it: refuse here, the core never hears of it
-                self.counters["registrations_rejected:data_plane"] += 1
-                reason = f"data plane mismatch: this encode server uses {self.settings.data_plane}"
-                self.socket.send_multipart([identity, *encode(Registered(self.endpoint.incarnation, 0, self.session_id, reason))])
-                return
-            self._identities[message.rank] = identity
-            self._sessions[message.rank] = message.session_id
-            self._run(self.endpoint.receive(message, now))
-            reason = self.endpoint.rejected_peers.get(message.rank, "")
-            reply = Registered(self.endpoint.incarnation, 0 if reason else 1, self.session_id, reason[:512])
-            self.socket.send_multipart([identity, *encode(reply)])
+            self._on_register(identity, message, now)
             return
         if rank is not None and self._identities.get(rank) != identity:
             # only the socket that registered a rank speaks for it: a stray or stale peer
             # naming the rank must not steal its replies nor move its pool
             self.counters["unregistered_dropped"] += 1
             return
-        if isinstance(message, PoolLayout):
-            self._layouts[message.rank] = message
-            return
         self._run(self.endpoint.receive(message, now))
-        if isinstance(message, Init) and self.synthetic_seed is not None and message.room not in self._sources:
-            record = self.endpoint.rooms.get(message.room)
-            if record is not None and record.state not in TERMINAL_STATES and record.aux is None:
-                from .workload import room_data
+        if isinstance(message, Init) and self.data_for_room is not None and message.room not in self._sources:
+            if not self.endpoint.is_finished(message.room) and not self.endpoint.has_data(message.room):
+                self._send_locked(message.room, self.data_for_room(message.room))
 
-                self._send_locked(message.room, room_data(self.synthetic_seed, message.room, self.settings))
+    def _on_register(self, identity: bytes, message: Register, now: float) -> None:
+        """The core accepts or refuses the rank; its answer goes back to the socket that
+        asked, and only an accepted socket speaks for the rank from then on."""
+        actions = self.endpoint.receive(message, now)
+        replies = [a for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Registered)]
+        if any(reply.message.accepted for reply in replies):
+            self._identities[message.rank] = identity
+            self._sessions[message.rank] = message.session_id
+        for reply in replies:
+            self._send_control([identity, *encode(reply.message)])
+        self._run(a for a in actions if a not in replies)
 
     def _after_wake(self) -> None:
         while True:
@@ -172,7 +166,7 @@ class EncodeServer(_Runtime):
             else:
                 self._send_control([identity, *encode(action.message)])
         elif isinstance(action, WriteRows):
-            layout = self._layouts.get(action.rank)
+            layout = self.endpoint.pool_layout(action.rank)
             session = self._sessions.get(action.rank)
             if layout is None or session is None:
                 return self.endpoint.write_done(action.room, action.rank, action.round, time.monotonic(),
@@ -181,7 +175,7 @@ class EncodeServer(_Runtime):
         elif isinstance(action, ReleaseSource):
             self._sources.pop(action.room, None)
             self.writer.release(action.room)
-            if self.forget_finished and action.room in self.endpoint.rooms:
+            if self.forget_finished and self.endpoint.state_of(action.room) is not None:
                 self.endpoint.forget(action.room)  # released only once the room has ended
         elif isinstance(action, RoomFinished):
             self.counters["rooms_finished"] += 1

@@ -10,10 +10,10 @@ from typing import Any
 
 import zmq
 
-from embxfer.core import Action, Register, Registered, SendMessage, Receiver, Settings, decode, encode
+from embxfer.core import Action, Register, SendMessage, Receiver, Settings, decode, encode
 from embxfer.transports.buffers import EmbeddingData
-from embxfer.transports.mooncake import MooncakeEngine, layout_of, register_pool
-from embxfer.transports.zmq_plane import ZmqPoolReceiver, is_zmq_session, pool_layout
+from embxfer.transports.mooncake import MooncakeEngine, pool_addresses, register_pool
+from embxfer.transports.zmq_plane import ZmqPoolReceiver, pool_extent
 
 from ._rows import RowSink
 from ._runtime import _Runtime, new_incarnation
@@ -36,36 +36,33 @@ class LanguageClient(_Runtime):
         if settings.data_plane == "zmq":
             self.data_receiver = ZmqPoolReceiver(
                 self.buffers, lock=self.lock, counters=self.counters, host=host,
-                accept=lambda write: self.rows.write_problem(self.endpoint, write),
+                accept=lambda write: self.endpoint.write_problem(write) or "",
             )
-            session_id, layout = self.data_receiver.session_id, pool_layout(self.buffers, rank)
+            session_id, addresses = self.data_receiver.session_id, pool_extent(self.buffers)
         else:
             self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
             register_pool(self.engine, self.buffers)
-            session_id, layout = self.engine.session_id, layout_of(self.buffers, rank)
-        self.registration: Registered | None = None
-        self._layout = layout  # sent after every Register (a restarted encode side needs it too)
+            session_id, addresses = self.engine.session_id, pool_addresses(self.buffers)
+        self.bootstrap_addr = bootstrap_addr
+        self._layout = self.endpoint.pool_layout_message(**addresses)  # sent after every Register (a restarted encode side needs it too)
         self._bootstrap_endpoint = f"tcp://{bootstrap_addr}"
         self.socket = self.context.socket(zmq.DEALER)
         # a fixed routing id: after a reconnect the encode side still knows which rank speaks
         self.socket.setsockopt(zmq.ROUTING_ID, f"embxfer-rank{rank}-{self.endpoint.incarnation:x}".encode())
         self.socket.connect(self._bootstrap_endpoint)
         self.socket.send_multipart(encode(self.endpoint.register_message(endpoint=bootstrap_addr, session_id=session_id)))
-        self.socket.send_multipart(encode(layout))
+        self.socket.send_multipart(encode(self._layout))
         self._thread.start()
         timeout = settings.bootstrap_timeout if connect_timeout is None else connect_timeout
+        endpoint = self.endpoint
         with self.changed:
-            if not self.changed.wait_for(lambda: self.registration is not None, timeout):
+            if not self.changed.wait_for(lambda: endpoint.peer_ready or endpoint.refusal is not None, timeout):
                 self.close(reason="bootstrap failed")
                 raise ConnectionError(f"no encode server answered at {bootstrap_addr} within {timeout:g} s")
-        assert self.registration is not None
-        if not self.registration.accepted:
-            reason = self.registration.reason
-            self.close(reason="registration rejected")
-            raise ConnectionError(f"the encode server at {bootstrap_addr} rejected us: {reason}")
-        if is_zmq_session(self.registration.session_id) != (settings.data_plane == "zmq"):
-            self.close(reason="data plane mismatch")
-            raise ConnectionError(f"the encode server at {bootstrap_addr} uses another data plane than {settings.data_plane}")
+            refusal = endpoint.refusal
+        if refusal is not None:
+            self.close(reason="registration refused")
+            raise ConnectionError(f"the encode server at {bootstrap_addr} refused the registration: {refusal}")
 
     @property
     def allocator(self) -> Any:
@@ -109,13 +106,8 @@ class LanguageClient(_Runtime):
         return aborted
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        message = decode(frames, block_size=self.settings.block_size)
+        message = decode(frames)
         now = time.monotonic()
-        if isinstance(message, Registered):
-            self.registration = message
-            if message.accepted:
-                self._run(self.endpoint.peer_connected(now, message.incarnation))
-            return
         aux, aux_error = self.rows.aux_for(self.endpoint, message)
         self._run(self.endpoint.receive(message, now, aux, aux_error=aux_error))
 

@@ -12,22 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from embxfer.core import (
-    Action,
-    DecodeError,
-    Heartbeat,
-    LocalProtocolError,
-    Poll,
-    Receiver,
-    Register,
-    Registered,
-    ReleaseSource,
-    RoomFailedError,
-    SendMessage,
-    Sender,
-    Settings,
-    WriteRows,
-    decode,
-    encode,
+    Action, DecodeError, Heartbeat, LocalProtocolError, Poll, Receiver, ReleaseSource, RoomFailedError, SendMessage,
+    Sender, Settings, WriteRows, decode, encode,
 )
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.loopback import LoopbackNetwork, Packet
@@ -79,7 +65,7 @@ class _Handle:
 
     def _decode(self, packet: Packet) -> Any:
         try:
-            return decode(packet.frames or [], block_size=self.link.settings.block_size)
+            return decode(packet.frames or [])
         except DecodeError:
             self.decode_errors += 1  # a garbled frame names no room we can trust: drop it
             return None
@@ -118,10 +104,6 @@ class SenderHandle(_Handle):
         if message is None:
             return
         self._run(self.endpoint.receive(message, self.network.now))
-        if isinstance(message, Register):  # answer as the real encode server does
-            reason = self.endpoint.rejected_peers.get(message.rank, "")
-            reply = Registered(self.endpoint.incarnation, 0 if reason else 1, "", reason[:512])
-            self.network.send(SENDER, packet.src, encode(reply))
 
     def _on_write_done(self, packet: Packet, error: str | None) -> None:
         write: WriteRows = packet.write
@@ -138,15 +120,23 @@ class SenderHandle(_Handle):
             self.sources.pop(action.room, None)
         return None
 
-    def land(self, write: WriteRows, receiver: "ReceiverHandle") -> None:
-        """Copy a write's rows into the receiver's pool (the loopback data plane)."""
+    def land(self, write: WriteRows, receiver: "ReceiverHandle") -> str | None:
+        """Copy a write's rows into the receiver's pool, as a one-sided (RDMA) write would:
+        a write the core's admission rule would not let land is recorded as a violation but
+        lands all the same, unless it falls outside the pool (then it fails, as a write
+        outside registered memory does).  Returns the error that fails the write, if any."""
         source = self.sources.get(write.room)
         if source is None:
             raise AssertionError(f"write for room {write.room} after its source was released")
-        receiver.check_ownership(write)
+        problem = receiver.endpoint.write_problem(write)
+        if problem is not None:
+            receiver.violations.append(f"write of room {write.room} round {write.round}: {problem}")
+            if "outside the pool" in problem:
+                return problem
         receiver.buffers.write(source, write.sent_tokens, write.runs)
         if write.aux is not None and write.aux_block is not None:
             receiver.buffers.write_aux(write.aux_block, write.aux)
+        return None
 
 
 class ReceiverHandle(_Handle):
@@ -178,26 +168,9 @@ class ReceiverHandle(_Handle):
         """The room's rows, exactly as sent; the room is forgotten afterwards."""
         return self.rows.take(self.endpoint, room)
 
-    def check_ownership(self, write: WriteRows) -> None:
-        """Every slot a write touches must belong to a live allocation of that room."""
-        allocator = self.endpoint.allocator
-        bs = allocator.block_size
-        for first_slot, _, length in write.runs:
-            for block in range(first_slot // bs, (first_slot + length - 1) // bs + 1):
-                owner = allocator.owner_of_block(block)
-                room = allocator.owner_room(owner) if owner is not None else None
-                if room != write.room:
-                    self.violations.append(
-                        f"write of room {write.room} round {write.round} touched block {block} owned by room {room}"
-                    )
-
     def _on_packet(self, packet: Packet) -> None:
         message = self._decode(packet)
         if message is None:
-            return
-        if isinstance(message, Registered):
-            if message.accepted:
-                self._run(self.endpoint.peer_connected(self.network.now, message.incarnation))
             return
         aux, aux_error = self.rows.aux_for(self.endpoint, message)
         self._run(self.endpoint.receive(message, self.network.now, aux, aux_error=aux_error))
@@ -230,7 +203,7 @@ class LoopbackLink:
 
     def _land_or_fail(self, packet: Packet, error: str | None) -> None:
         if error is None:
-            self.sender.land(packet.write, self.receivers[packet.write.rank])
+            error = self.sender.land(packet.write, self.receivers[packet.write.rank])
         self.sender._on_write_done(packet, error)
 
     def run_until_idle(self, max_steps: int = 10_000_000) -> int:

@@ -20,7 +20,6 @@ from typing import Any
 import zmq
 
 from embxfer.core import Action, DecodeError, Poll, RoomFinished, Settings
-from embxfer.specs.tables import TERMINAL_STATES
 
 log = logging.getLogger("embxfer")
 
@@ -163,7 +162,7 @@ class _Runtime:
     def wait(self, room: int, timeout: float | None = None) -> Poll:
         """Block until ``room`` is Success or Failed (or ``timeout`` passes); returns its Poll."""
         with self.changed:
-            self.changed.wait_for(lambda: self.endpoint.rooms[room].state in TERMINAL_STATES, timeout)
+            self.changed.wait_for(lambda: self.endpoint.is_finished(room) or self.endpoint.state_of(room) is None, timeout)
             return self.endpoint.poll(room)  # type: ignore[no-any-return]
 
     def stats(self) -> dict[str, Any]:
@@ -179,10 +178,9 @@ class _Runtime:
                 return 0
             now = time.monotonic()
             aborted = 0
-            for room, record in list(self.endpoint.rooms.items()):
-                if record.state not in TERMINAL_STATES:
-                    aborted += 1
-                    self._outbox.extend(self.endpoint.abort(room, now, reason=reason))
+            for room in self.endpoint.live_rooms():
+                aborted += 1
+                self._outbox.extend(self.endpoint.abort(room, now, reason=reason))
             self._close_endpoint()
             while self._outbox:
                 action = self._outbox.popleft()

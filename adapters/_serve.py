@@ -78,9 +78,11 @@ class _Stop:
 def serve_encode(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     stop = _Stop()
+    seed = args.synthetic_seed
+    data_for_room = None if seed is None else (lambda room: room_data(seed, room, settings))
     try:
         server = EncodeServer(settings, host=args.host, bootstrap_port=args.bootstrap_port, protocol=args.protocol,
-                              device=args.device, synthetic_seed=args.synthetic_seed, verbose=args.verbose,
+                              device=args.device, data_for_room=data_for_room, verbose=args.verbose,
                               forget_finished=True)
     except MooncakeUnavailable as error:
         print(f"embxfer: {error}", file=sys.stderr)

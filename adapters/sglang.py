@@ -59,10 +59,10 @@ class EmbeddingReceiver:
 
     def resume_transfer(self, allocation: Any = None, sent_tokens: int | None = None,
                         allocated_tokens: int | None = None) -> None:
-        record = self.manager.endpoint.rooms.get(self.bootstrap_room)
-        if record is not None and sent_tokens is not None and sent_tokens > record.sent_tokens:
+        received = self.manager.endpoint.sent_tokens(self.bootstrap_room)
+        if sent_tokens is not None and sent_tokens > received:
             raise ProtocolError(
-                f"resume_transfer: sent_tokens {sent_tokens} is past the {record.sent_tokens} tokens received",
+                f"resume_transfer: sent_tokens {sent_tokens} is past the {received} tokens received",
                 field="sent_tokens",
             )
 

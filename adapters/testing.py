@@ -79,7 +79,7 @@ class LoopbackModel(RuleBasedStateMachine):
     def take_if_done(self, pick: int, rank: int) -> None:
         room = pick % self.next_room
         rx = self.link.receivers[rank % self.receivers]
-        if (room, rx.rank) not in self.taken and room in rx.endpoint.rooms:
+        if (room, rx.rank) not in self.taken and rx.endpoint.state_of(room) is not None:
             if rx.poll(room) == Poll.Success:
                 received = rx.take(room)
                 self.taken.add((room, rx.rank))
@@ -147,7 +147,7 @@ class LoopbackModel(RuleBasedStateMachine):
                 self.link.sender.abort(room)
         else:
             rx = self.link.receivers[rank % self.receivers]
-            if rx.name not in self.link.network.crashed and room in rx.endpoint.rooms:
+            if rx.name not in self.link.network.crashed and rx.endpoint.state_of(room) is not None:
                 rx.abort(room)
 
     # -- invariants ----------------------------------------------------------------------
@@ -164,8 +164,8 @@ class LoopbackModel(RuleBasedStateMachine):
     @invariant()
     def terminal_is_final(self) -> None:
         for handle in (self.link.sender, *self.link.receivers):
-            for room, record in handle.endpoint.rooms.items():
-                self.history.setdefault((handle.name, room), []).append(record.state)
+            for room, state in handle.endpoint.room_states().items():
+                self.history.setdefault((handle.name, room), []).append(state)
         problems = invariants.terminal_states_final(self.history)
         assert not problems, problems
 
@@ -184,16 +184,16 @@ class LoopbackModel(RuleBasedStateMachine):
         for handle in (link.sender, *link.receivers):
             if handle.name in link.network.crashed:
                 continue
-            states.extend((f"{handle.name}:{room}", r.state) for room, r in handle.endpoint.rooms.items())
+            states.extend((f"{handle.name}:{room}", state) for room, state in handle.endpoint.room_states().items())
         problems = invariants.all_terminal(states)
         assert not problems, problems
         for rx in self._live_receivers():
-            for room, record in list(rx.endpoint.rooms.items()):
-                if record.state == SUCCESS and (room, rx.rank) not in self.taken:
+            for room, state in rx.endpoint.room_states().items():
+                if state == SUCCESS and (room, rx.rank) not in self.taken:
                     problems = invariants.rows_equal(self.data[room], rx.take(room))
                     assert not problems, problems
                 else:
-                    assert record.state in (SUCCESS, FAILED)
+                    assert state in (SUCCESS, FAILED)
             problems = invariants.all_freed_once(rx.allocator) + invariants.no_shared_slots(rx.allocator)
             assert not problems, problems
             assert rx.endpoint.quarantined_blocks == 0

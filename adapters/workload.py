@@ -36,10 +36,3 @@ def room_data(seed: int, room: int, settings: Settings, num_tokens: int | None =
     delta = random.Random(seed + room).randint(-(1 << 30), 1 << 30)
     return EmbeddingData(embeddings, fill_ids, mrope, delta)
 
-
-def rounds_needed(num_tokens: int, settings: Settings) -> int:
-    """Resume rounds when the pool is free: 0 when the default guess holds everything."""
-    remaining = num_tokens - settings.default_tokens
-    if remaining <= 0:
-        return 0
-    return -(-remaining // settings.pool_tokens)

@@ -1,11 +1,14 @@
-"""embxfer.core — the sans-I/O protocol: settings, allocator, messages, codecs, rooms.
+"""embxfer.core — the sans-I/O protocol: endpoints, messages, codecs, settings, errors.
 
 No threads, sockets, clocks, torch or zmq here: inputs are method calls that carry
-``now``, outputs are actions for an I/O layer to execute in order.
+``now``, outputs are actions for an I/O layer to execute in order.  Every protocol rule
+lives here; a driver moves bytes and calls these endpoints, and builds no message itself
+(``Receiver.register_message``/``pool_layout_message`` and the endpoints' actions give it
+every message it sends).
 """
 
 from ._actions import Action, CollectRows, Poll, ReleaseSource, RoomFinished, SendMessage, WriteRows
-from ._allocator import Allocation, Allocator, Extent, slot_runs
+from ._allocator import Allocation, Allocator
 from ._codec import decode, encode
 from ._errors import (
     AllocatorError,
@@ -19,7 +22,6 @@ from ._errors import (
     SettingsError,
 )
 from ._fork_codec import ForkInit, ForkResume, fork_decode, fork_encode, fork_to_native, native_to_fork
-from ._machine import RoomMachine, machine_for
 from ._messages import (
     Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, PoolLayout, Register, Registered, Resume, Status,
 )
@@ -28,11 +30,15 @@ from ._sender import Sender
 from ._settings import Settings
 
 __all__ = [
-    "Abort", "AbortAck", "Action", "Allocation", "Allocator", "AllocatorError", "AuxHeader",
-    "BlockSizeMismatch", "CollectRows", "DecodeError", "Extent", "ForkInit", "ForkResume",
-    "Heartbeat", "IllegalTransition", "Init", "InvalidField", "LocalProtocolError", "Message",
-    "Poll", "PoolLayout", "ProtocolError", "Registered", "Receiver", "Register", "ReleaseSource", "RemoteProtocolError",
-    "Resume", "RoomFailedError", "RoomFinished", "RoomMachine", "SendMessage", "Sender",
-    "Settings", "SettingsError", "Status", "WriteRows", "decode", "encode", "fork_decode",
-    "fork_encode", "fork_to_native", "machine_for", "native_to_fork", "slot_runs",
+    # endpoints and what they ask of their driver
+    "Sender", "Receiver", "Poll", "Action", "SendMessage", "WriteRows", "ReleaseSource", "CollectRows",
+    "RoomFinished", "Allocation", "Allocator",
+    # messages
+    "Message", "Register", "Registered", "Init", "Resume", "Status", "Abort", "AbortAck", "Heartbeat",
+    "PoolLayout", "AuxHeader",
+    # codecs
+    "encode", "decode", "fork_encode", "fork_decode", "fork_to_native", "native_to_fork", "ForkInit", "ForkResume",
+    # settings and errors
+    "Settings", "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "DecodeError", "BlockSizeMismatch",
+    "InvalidField", "IllegalTransition", "SettingsError", "AllocatorError", "RoomFailedError",
 ]

@@ -9,9 +9,8 @@ import attrs
 
 from embxfer.specs.tables import POLL_VALUES
 
-from ._allocator import Allocation
+from ._allocator import Allocation, slot_runs
 from ._messages import AuxHeader, Message
-
 
 
 class Poll(enum.IntEnum):
@@ -71,6 +70,11 @@ class CollectRows:
     sent_tokens: int
     num_tokens: int
     aux: AuxHeader
+
+    @property
+    def runs(self) -> list[tuple[int, int, int]]:
+        """``(first_slot, token_offset, length)`` of the rows to move, as ``WriteRows.runs``."""
+        return slot_runs(self.allocation.extents, self.allocation.block_size, self.num_tokens)
 
 
 @attrs.frozen

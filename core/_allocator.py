@@ -127,14 +127,6 @@ class Allocator:
         allocation = self._live.get(allocation_id)
         return allocation.owner if allocation is not None else None
 
-    def owns_slots(self, allocation_id: int, first_slot: int, length: int) -> bool:
-        """True when every slot of the run belongs to the live allocation ``allocation_id``."""
-        if length <= 0 or first_slot < 0 or first_slot + length > self.pool_blocks * self.block_size:
-            return False
-        first_block = first_slot // self.block_size
-        last_block = (first_slot + length - 1) // self.block_size
-        return all(self._block_owner[b] == allocation_id for b in range(first_block, last_block + 1))
-
     # -- allocation --------------------------------------------------------------------
     def alloc_default(self, owner: Hashable = None) -> Allocation | None:
         return self._take(self.default_blocks, owner)

@@ -14,7 +14,7 @@ from typing import Any
 
 from embxfer.specs.schemas import MAGIC, MAX_EXTENTS, MAX_STR_BYTES, MESSAGE_SCHEMAS, VERSION
 
-from ._errors import BlockSizeMismatch, DecodeError
+from ._errors import DecodeError
 from ._messages import MESSAGE_TYPES, InvalidField, Message
 
 _FIXED_CODES = {"u32": "I", "u64": "Q", "i64": "q"}
@@ -52,8 +52,9 @@ def encode(message: Message) -> list[bytes]:
     return frames
 
 
-def decode(frames: Sequence[Any], *, block_size: int | None = None) -> Message:
-    """Decode one multipart message; ``block_size`` (ours) is checked against an Init's."""
+def decode(frames: Sequence[Any]) -> Message:
+    """Decode one multipart message.  The codec checks what the wire can carry; whether a
+    peer's values suit us (block size, hidden size, ...) is the core's to judge."""
     if not isinstance(frames, (list, tuple)):
         raise DecodeError("frames", f"expected a list of frames, got {type(frames).__name__}")
     if not frames:
@@ -93,10 +94,6 @@ def decode(frames: Sequence[Any], *, block_size: int | None = None) -> Message:
         if len(raw) // _EXTENT.size > MAX_EXTENTS:
             raise DecodeError(f"{layout.name}.{name}", f"more than {MAX_EXTENTS} extents")
         values[name] = tuple(_EXTENT.iter_unpack(raw))
-    if block_size is not None and "block_size" in values and values["block_size"] != block_size:
-        raise BlockSizeMismatch(
-            f"{layout.name}.block_size", f"peer uses {values['block_size']} tokens a block, we use {block_size}"
-        )
     try:
         return layout.cls(**values)  # type: ignore[no-any-return]
     except InvalidField as error:

@@ -69,9 +69,6 @@ class RoomMachine:
             raise IllegalTransition(self.role, state, trigger) from None
         return cursor.state
 
-    def is_legal(self, state: str, trigger: str) -> bool:
-        return (state, trigger) in self._moves
-
 
 @lru_cache(maxsize=None)
 def machine_for(role: str) -> RoomMachine:

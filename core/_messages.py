@@ -112,6 +112,7 @@ class Register:
     dtype: str = attrs.field(validator=_text)
     endpoint: str = attrs.field(validator=_text)
     session_id: str = attrs.field(validator=_text)
+    data_plane: str = attrs.field(validator=_text)
 
     def __attrs_post_init__(self) -> None:
         if self.required_dst_info_num < 1:

@@ -11,25 +11,35 @@ the sender acknowledges, or the quarantine timeout passes.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
+from collections import deque
 from typing import Any
 
 import attrs
 
-from embxfer.specs.tables import NON_TERMINAL_STATES, BOOTSTRAPPING, FAILED, TERMINAL_STATES, TRANSFERRING
+from embxfer.specs.tables import (
+    ABORT, BOOTSTRAPPING, FAIL, INIT_SENT, PEER_LOST, RESUME_SENT, ROUND_COMPLETE, ROUND_PARTIAL, TERMINAL_STATES,
+    TRANSFERRING,
+)
 
-from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage
-from ._allocator import Allocation, Allocator
-from ._errors import IllegalTransition, LocalProtocolError
-from ._liveness import Liveness
-from ._machine import machine_for
-from ._metrics import endpoint_histograms
+from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage, WriteRows
+from ._allocator import Allocation, Allocator, slot_runs
+from ._endpoint import Endpoint, check_room
+from ._errors import LocalProtocolError
+from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, PoolLayout, Register, Registered, Resume, Status
 from ._prealloc import prealloc_policy
-from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Resume, Status
 from ._settings import Settings
 from ._timers import Deadlines
 
-RETIRED_MEMORY = 1 << 16
+
+@attrs.define(slots=True)
+class _Quarantined:
+    """Blocks of a failed room that its sender may still write: the round they were told
+    for, so a late write of that round is recognised as the room's own.  (Not frozen: it
+    holds an ``Allocation``, which is compared by identity and copied with its allocator.)"""
+
+    allocation: Allocation
+    round: int
+    sent_tokens: int
 
 
 @attrs.define(slots=True)
@@ -52,46 +62,30 @@ class _ReceiverRoom:
         return self.aux.total_tokens if self.aux is not None else None
 
 
-class Receiver:
+class Receiver(Endpoint):
     role = "receiver"
 
     def __init__(self, settings: Settings, *, rank: int = 0, required_dst_info_num: int = 1, incarnation: int = 1) -> None:
         if not 0 <= rank < required_dst_info_num:
             raise LocalProtocolError(f"rank {rank} is not below required_dst_info_num {required_dst_info_num}", field="rank")
-        self.settings = settings
+        super().__init__(settings, incarnation)
         self.rank = rank
         self.required_dst_info_num = required_dst_info_num
-        self.incarnation = incarnation
         self.allocator = Allocator(settings)
         self.prealloc = prealloc_policy(settings)
         self.rooms: dict[int, _ReceiverRoom] = {}
-        self.stats: Counter[str] = Counter()
-        self.histograms = endpoint_histograms()
         self.peer_ready = False
         self.peer_incarnation: int | None = None  # the sender's, from Registered
-        self._liveness = Liveness(settings)
+        self.peer_session: str = ""  # the sender's data-plane session, from Registered
+        self.refusal: str | None = None  # why the sender refused our registration, if it did
         self._registration: Register | None = None  # re-sent while the sender is lost
         self._next_registration: float | None = None
-        self._timeouts = {state: settings.timeout_for(state) for state in NON_TERMINAL_STATES}
-        self._machine = machine_for("receiver")
-        self._deadlines = Deadlines()
         self._waiting_init: deque[int] = deque()  # FCFS for default allocations
         self._waiting_resume: deque[int] = deque()  # rooms between rounds, holding no blocks
-        self._quarantine: dict[int, Allocation] = {}
+        self._quarantine: dict[int, _Quarantined] = {}
         self._quarantine_deadlines = Deadlines()
-        self._retired: OrderedDict[int, None] = OrderedDict()
 
     # -- queries -----------------------------------------------------------------------
-    def poll(self, room: int) -> Poll:
-        record = self.rooms.get(room)
-        if record is None:
-            raise LocalProtocolError(f"unknown room {room}", field="room")
-        return Poll[record.state]
-
-    def failure(self, room: int) -> str:
-        record = self.rooms.get(room)
-        return record.reason if record is not None else ""
-
     def next_deadline(self) -> float | None:
         deadlines = [
             d for d in (
@@ -101,33 +95,75 @@ class Receiver:
         ]
         return min(deadlines) if deadlines else None
 
-    def next_room_deadline(self) -> float | None:
-        """The earliest room timeout, leaving out quarantine expiries."""
-        return self._deadlines.next_deadline()
-
     def next_quarantine_deadline(self) -> float | None:
         return self._quarantine_deadlines.next_deadline()
 
-    def metrics(self) -> dict[str, Any]:
-        """Counters, gauges and histogram snapshots, as ``stats()`` on the facades shows them."""
-        return {
-            **self.stats,
-            "rooms_in_flight": sum(1 for r in self.rooms.values() if r.state not in TERMINAL_STATES),
-            "quarantined_blocks": self.quarantined_blocks,
-            "free_blocks": self.allocator.free_blocks,
-            "histograms": {name: h.snapshot() for name, h in self.histograms.items()},
-        }
+    def _gauges(self) -> dict[str, int]:
+        return {"quarantined_blocks": self.quarantined_blocks, "free_blocks": self.allocator.free_blocks}
 
     @property
     def quarantined_blocks(self) -> int:
-        return sum(a.num_blocks for a in self._quarantine.values())
+        return sum(q.allocation.num_blocks for q in self._quarantine.values())
+
+    @property
+    def free_blocks(self) -> int:
+        return self.allocator.free_blocks
+
+    def sent_tokens(self, room: int) -> int:
+        """Token rows of ``room`` that have arrived and left the pool (0 for an unknown room)."""
+        record = self.rooms.get(room)
+        return record.sent_tokens if record is not None else 0
+
+    def allocation_of(self, room: int) -> Allocation | None:
+        """The blocks ``room`` holds for its current round (None between rounds)."""
+        record = self.rooms.get(room)
+        return record.allocation if record is not None else None
+
+    def write_problem(self, write: WriteRows) -> str | None:
+        """Why ``write`` may not land in the pool (None when it may): the one admission rule
+        every data plane, the loopback and the checker ask.  A write may touch only the
+        slots its room holds for exactly that round -- the allocation the sender was told
+        about, live or quarantined after a failure -- within the pool, and exactly as many
+        of them as the round carries.  Ask it under the lock that orders this endpoint's
+        inputs and keep holding it while the bytes land."""
+        if write.rank != self.rank:
+            return f"write for rank {write.rank} reached rank {self.rank}"
+        pool_slots = self.settings.pool_tokens
+        for first_slot, _, length in write.runs:
+            if first_slot < 0 or length < 1 or first_slot + length > pool_slots:
+                return f"slots {first_slot}..{first_slot + length} are outside the pool of {pool_slots}"
+        record = self.rooms.get(write.room)
+        held = self._quarantine.get(write.room)
+        if record is not None and record.state not in TERMINAL_STATES and record.allocation is not None and record.requested:
+            allocation, round_, sent_tokens = record.allocation, record.round, record.sent_tokens
+        elif held is not None:
+            allocation, round_, sent_tokens = held.allocation, held.round, held.sent_tokens
+        else:
+            return f"room {write.room} is not receiving"
+        if round_ != write.round or sent_tokens != write.sent_tokens:
+            return f"room {write.room} is not waiting for round {write.round} at token {write.sent_tokens}"
+        if not 1 <= write.num_tokens <= allocation.capacity_tokens:
+            return f"{write.num_tokens} tokens do not fit room {write.room}'s {allocation.capacity_tokens} slots"
+        if tuple(write.runs) != tuple(slot_runs(allocation.extents, allocation.block_size, write.num_tokens)):
+            return f"room {write.room} does not own slots {list(write.runs)} in round {write.round}"
+        aux_block = allocation.extents[0][0] if write.round == 0 else None
+        if write.aux_block != aux_block:
+            return f"aux block {write.aux_block} is not room {write.room}'s ({aux_block}) in round {write.round}"
+        return None
 
     def register_message(self, endpoint: str = "", session_id: str = "") -> Register:
         s = self.settings
         self._registration = Register(
-            self.rank, self.required_dst_info_num, self.incarnation, s.block_size, s.hidden_size, s.dtype, endpoint, session_id,
+            self.rank, self.required_dst_info_num, self.incarnation, s.block_size, s.hidden_size, s.dtype, endpoint,
+            session_id, s.data_plane,
         )
         return self._registration
+
+    def pool_layout_message(self, pool_slots: int, embeddings_addr: int = 0, fill_ids_addr: int = 0,
+                            mrope_addr: int = 0, aux_addr: int = 0) -> PoolLayout:
+        """Where this rank's pool lives, for a data plane that writes it remotely (sent after
+        every ``register_message``)."""
+        return PoolLayout(self.rank, pool_slots, embeddings_addr, fill_ids_addr, mrope_addr, aux_addr)
 
     def aux_block(self, room: int) -> int:
         """The block whose aux record holds ``room``'s header (the round-0 allocation's first)."""
@@ -137,8 +173,19 @@ class Receiver:
         return record.allocation.extents[0][0]
 
     # -- inputs ------------------------------------------------------------------------
-    def peer_connected(self, now: float, incarnation: int | None = None) -> list[Action]:
-        """The sender is resolved (its ``Registered`` arrived): rooms may send their inits.
+    def _on_registered(self, message: Registered, now: float) -> list[Action]:
+        """The sender answered our registration.  Refused: say why (``refusal``); no room
+        can start.  Accepted: rooms may send their inits."""
+        if not message.accepted:
+            self.refusal = message.reason or "registration refused"
+            self.stats["registrations_refused"] += 1
+            return []
+        self.refusal = None
+        self.peer_session = message.session_id
+        return self._connected(now, message.incarnation)
+
+    def _connected(self, now: float, incarnation: int | None) -> list[Action]:
+        """The sender is resolved: rooms may send their inits.
 
         A different ``incarnation`` than before means the sender we knew is gone (a new
         process owns its address): rooms it knew fail at once, and its quarantined blocks
@@ -160,6 +207,7 @@ class Receiver:
 
     def init(self, room: int, now: float) -> list[Action]:
         """Start receiving ``room``: allocate the default guess (or wait for it) and send init."""
+        check_room(room)
         if room in self.rooms or room in self._retired:
             raise LocalProtocolError(f"room {room} was already initialised", field="room")
         record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout, started=now)
@@ -170,17 +218,11 @@ class Receiver:
         self._serve_waiting(now, actions)
         return actions
 
-    def abort(self, room: int, now: float, reason: str = "aborted by receiver") -> list[Action]:
-        record = self.rooms.get(room)
-        if record is None or record.state in TERMINAL_STATES:
-            return []
-        actions: list[Action] = []
-        self._fail(record, "abort", reason, now, actions)
-        return actions
-
     def receive(self, message: Message, now: float, aux: AuxHeader | None = None, *, aux_error: str = "") -> list[Action]:
         """A control message from the sender.  For round 0's ``Status`` pass the aux header
         read from the aux record of ``aux_block(room)`` (or why it could not be read)."""
+        if isinstance(message, Registered):
+            return self._on_registered(message, now)
         if not isinstance(message, Heartbeat):
             self._liveness.heard(0, now)
         if isinstance(message, Status):
@@ -203,19 +245,13 @@ class Receiver:
 
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
-
-        def expire(room: Any) -> None:
-            record = self.rooms.get(room)
-            if record is not None and record.state not in TERMINAL_STATES:
-                self._fail(record, "timeout", f"timeout in state {record.state}", now, actions)
-
-        self._deadlines.pop_expired(now, expire)
+        self._expire_rooms(now, actions)
 
         def release(room: Any) -> None:
-            allocation = self._quarantine.pop(room, None)
-            if allocation is not None:
+            held = self._quarantine.pop(room, None)
+            if held is not None:
                 self.stats["quarantine_expired"] += 1
-                self._free(allocation)
+                self.allocator.free(held.allocation)
 
         self._quarantine_deadlines.pop_expired(now, release)
         if self.peer_ready:
@@ -239,18 +275,6 @@ class Receiver:
             self._release_quarantine(room)
         return blocks
 
-    def forget(self, room: int) -> None:
-        """Drop a finished room's record; its id is remembered to drop late messages."""
-        record = self.rooms.get(room)
-        if record is None:
-            return
-        if record.state not in TERMINAL_STATES:
-            raise LocalProtocolError(f"room {room} is still {record.state}", field="room")
-        del self.rooms[room]
-        self._retired[room] = None
-        if len(self._retired) > RETIRED_MEMORY:
-            self._retired.popitem(last=False)
-
     # -- message handlers --------------------------------------------------------------
     def _on_status(self, message: Status, now: float, aux: AuxHeader | None, aux_error: str) -> list[Action]:
         actions: list[Action] = []
@@ -261,14 +285,14 @@ class Receiver:
             return actions
         allocation = record.allocation
         if message.rank != self.rank:
-            self._fail(record, "fail", f"status for rank {message.rank} reached rank {self.rank}", now, actions)
+            self._fail(record, FAIL, f"status for rank {message.rank} reached rank {self.rank}", now, actions)
             return actions
         if message.round < record.round or (message.round == record.round and not record.requested):
             self.stats["duplicate_dropped"] += 1
             return actions
         if message.round != record.round or message.sent_tokens != record.sent_tokens or allocation is None:
             self._fail(
-                record, "fail",
+                record, FAIL,
                 f"unexpected status round {message.round} at token {message.sent_tokens}"
                 f" (expected round {record.round} at token {record.sent_tokens})",
                 now, actions,
@@ -277,7 +301,7 @@ class Receiver:
         if message.round == 0:
             problem = f"unreadable aux header: {aux_error}" if aux_error else self._check_aux(record.room, aux)
             if problem:
-                self._fail(record, "fail", problem, now, actions)
+                self._fail(record, FAIL, problem, now, actions)
                 return actions
             assert aux is not None
             record.aux = aux
@@ -289,7 +313,7 @@ class Receiver:
         expected = min(record.aux.total_tokens - record.sent_tokens, allocation.capacity_tokens)
         if message.written_tokens != expected:
             self._fail(
-                record, "fail",
+                record, FAIL,
                 f"round {message.round} wrote {message.written_tokens} tokens, expected {expected}", now, actions,
             )
             return actions
@@ -306,21 +330,21 @@ class Receiver:
         # next round while these rows move out of the pool
         pipelined = bool(remaining) and not self._waiting_resume and (
             self.allocator.blocks_for(remaining) <= self.allocator.free_blocks)
-        if pipelined and self._step(record, "round_partial", now, actions):
+        if pipelined and self._step(record, ROUND_PARTIAL, now, actions):
             record.round += 1
             self._grant_resume(record, now, actions)
             self.stats["resumes_pipelined"] += 1
         actions.append(collect)
-        self._free(allocation)
+        self.allocator.free(allocation)
         if not remaining:
-            if self._step(record, "round_complete", now, actions):
+            if self._step(record, ROUND_COMPLETE, now, actions):
                 self.stats["rooms_succeeded"] += 1
                 self.stats[f"resume_rounds:{record.rounds - 1}"] += 1
                 self.histograms["transfer_seconds"].observe(now - record.started)
                 self.histograms["resume_rounds"].observe(record.rounds - 1)
                 self.histograms["room_tokens"].observe(record.aux.total_tokens)
                 actions.append(RoomFinished(record.room, Poll.Success, round=record.round))
-        elif not pipelined and self._step(record, "round_partial", now, actions):
+        elif not pipelined and self._step(record, ROUND_PARTIAL, now, actions):
             record.round += 1
             self._waiting_resume.append(record.room)
         self._serve_waiting(now, actions)
@@ -342,7 +366,7 @@ class Receiver:
         record = self.rooms.get(message.room)
         if record is not None and record.state not in TERMINAL_STATES:
             # the sender aborts only once none of its writes to us is in flight
-            self._fail(record, "abort", f"aborted by sender: {message.reason}", now, actions, sender_quiet=True)
+            self._fail(record, ABORT, f"aborted by sender: {message.reason}", now, actions, sender_quiet=True)
         else:
             self._release_quarantine(message.room)
             self.stats["late_dropped" if record is not None else "stray_dropped"] += 1
@@ -369,7 +393,7 @@ class Receiver:
             self.peer_ready = False  # no init goes out until a sender answers again
         for record in list(self.rooms.values()):
             if record.state not in TERMINAL_STATES and record.told_sender:
-                self._fail(record, "peer_lost", reason, now, actions, sender_quiet=restarted)
+                self._fail(record, PEER_LOST, reason, now, actions, sender_quiet=restarted)
         if restarted:
             released = self.release_quarantine()
             self.stats["quarantine_released_restart"] += released
@@ -403,7 +427,7 @@ class Receiver:
                 record.room, self.rank, self.required_dst_info_num, self.settings.block_size,
                 allocation.capacity_tokens, allocation.extents,
             )))
-            self._step(record, "init_sent", now, actions)
+            self._step(record, INIT_SENT, now, actions)
 
     def _grant_resume(self, record: _ReceiverRoom, now: float, actions: list[Action]) -> None:
         """Give a room between rounds whatever free blocks its rest needs and ask for it."""
@@ -417,57 +441,34 @@ class Receiver:
             record.room, self.rank, record.round, record.sent_tokens,
             min(allocation.capacity_tokens, remaining), allocation.extents,
         )))
-        self._step(record, "resume_sent", now, actions)
+        self._step(record, RESUME_SENT, now, actions)
 
-    def _step(self, record: _ReceiverRoom, trigger: str, now: float, actions: list[Action]) -> bool:
-        try:
-            state = self._machine.fire(record.state, trigger)
-        except IllegalTransition as error:
-            if record.state in TERMINAL_STATES:
-                raise
-            self._fail(record, "fail", str(error), now, actions)
-            return False
-        record.state = state
-        if state in TERMINAL_STATES:
-            self._deadlines.clear(record.room)
-        else:
-            record.deadline = now + self._timeouts[state]
-            self._deadlines.set(record.room, record.deadline)
-        return True
-
-    def _fail(
-        self, record: _ReceiverRoom, trigger: str, reason: str, now: float, actions: list[Action],
-        *, sender_quiet: bool = False,
-    ) -> None:
-        record.state = self._machine.fire(record.state, trigger)
-        assert record.state == FAILED
-        record.reason = reason
-        self._deadlines.clear(record.room)
-        self.stats["rooms_failed"] += 1
-        self.stats[f"failed:{trigger}"] += 1
+    def _abandon(self, record: _ReceiverRoom, reason: str, now: float, actions: list[Action],
+                 *, sender_quiet: bool = False) -> None:
+        """Quarantine the blocks the sender may still write (or free them), tell the sender."""
         allocation = record.allocation
         record.allocation = None
         if allocation is not None:
             if record.requested and not sender_quiet:
                 # the sender may still write these slots: hold them until it acknowledges
-                self._quarantine[record.room] = allocation
+                self._quarantine[record.room] = _Quarantined(allocation, record.round, record.sent_tokens)
                 self._quarantine_deadlines.set(record.room, now + self.settings.quarantine_timeout)
                 self.stats["blocks_quarantined"] += allocation.num_blocks
             else:
-                self._free(allocation)
+                self.allocator.free(allocation)
         if record.told_sender and not sender_quiet:
-            actions.append(SendMessage(Abort(record.room, self.rank, reason[:512])))
-        self.histograms["failure_seconds"].observe(now - record.started)
-        actions.append(RoomFinished(record.room, Poll.Failed, reason, round=record.round))
+            actions.append(SendMessage(Abort(record.room, self.rank, reason)))
+
+    def _after_failure(self, now: float, actions: list[Action]) -> None:
         self._serve_waiting(now, actions)
 
+    def _last_round(self, record: _ReceiverRoom) -> int:
+        return record.round
+
     def _release_quarantine(self, room: int) -> bool:
-        allocation = self._quarantine.pop(room, None)
-        if allocation is None:
+        held = self._quarantine.pop(room, None)
+        if held is None:
             return False
         self._quarantine_deadlines.clear(room)
-        self._free(allocation)
+        self.allocator.free(held.allocation)
         return True
-
-    def _free(self, allocation: Allocation) -> None:
-        self.allocator.free(allocation)

@@ -8,24 +8,24 @@ the receiver may reuse the blocks the moment it hears from us.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
 from typing import Any
 
 import attrs
 
-from embxfer.specs.tables import NON_TERMINAL_STATES, FAILED, SUCCESS, TERMINAL_STATES, TRANSFERRING, WAITING_FOR_INPUT
+from embxfer.specs.tables import (
+    ABORT, DATA_READY, DESTINATIONS_KNOWN, FAIL, FAILED, INIT_RECEIVED, PEER_LOST, RESUME_RECEIVED, ROWS_COMPLETE,
+    ROWS_PARTIAL, SUCCESS, TERMINAL_STATES, WAITING_FOR_INPUT,
+)
 
 from ._actions import Action, Poll, ReleaseSource, RoomFinished, SendMessage, WriteRows
 from ._allocator import slot_runs
-from ._errors import IllegalTransition, LocalProtocolError, RoomFailedError
-from ._liveness import Liveness
-from ._machine import machine_for
-from ._metrics import endpoint_histograms
-from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, Register, Resume, Status, check_capacity
+from ._endpoint import REASON_BYTES, Endpoint, check_room
+from ._errors import LocalProtocolError, RoomFailedError
+from ._messages import (
+    Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, PoolLayout, Register, Registered, Resume, Status,
+    check_capacity,
+)
 from ._settings import Settings
-from ._timers import Deadlines
-
-RETIRED_MEMORY = 1 << 16  # finished room ids remembered to classify late messages
 
 
 @attrs.define(slots=True)
@@ -57,63 +57,42 @@ class _SenderRoom:
     source_held: bool = True  # the I/O layer still holds the rows (released once, never early)
 
 
-class Sender:
+class Sender(Endpoint):
     role = "sender"
 
-    def __init__(self, settings: Settings, *, incarnation: int = 1) -> None:
-        self.settings = settings
-        self.incarnation = incarnation
+    def __init__(self, settings: Settings, *, incarnation: int = 1, session_id: str = "") -> None:
+        super().__init__(settings, incarnation)
+        self.session_id = session_id  # the data-plane session Registered announces
         self.rooms: dict[int, _SenderRoom] = {}
         self.peers: dict[int, Register] = {}
         self.rejected_peers: dict[int, str] = {}
-        self.stats: Counter[str] = Counter()
-        self.histograms = endpoint_histograms()
-        self._timeouts = {state: settings.timeout_for(state) for state in NON_TERMINAL_STATES}
-        self._machine = machine_for("sender")
-        self._deadlines = Deadlines()
-        self._liveness = Liveness(settings)
-        # finished room ids, with the (rank, incarnation) pairs they involved, to classify
-        # late messages; a tombstone of only earlier incarnations no longer counts
-        self._retired: OrderedDict[int, tuple[tuple[int, int | None], ...]] = OrderedDict()
+        self._layouts: dict[int, PoolLayout] = {}
 
     # -- queries -----------------------------------------------------------------------
-    def poll(self, room: int) -> Poll:
-        record = self.rooms.get(room)
-        if record is None:
-            raise LocalProtocolError(f"unknown room {room}", field="room")
-        return Poll[record.state]
-
-    def failure(self, room: int) -> str:
-        record = self.rooms.get(room)
-        return record.reason if record is not None else ""
-
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._deadlines.next_deadline(), self._liveness.next_deadline()) if d is not None]
         return min(deadlines) if deadlines else None
-
-    def next_room_deadline(self) -> float | None:
-        """The earliest room timeout, leaving out heartbeats and peer-silence checks."""
-        return self._deadlines.next_deadline()
 
     def peer_alive(self, rank: int) -> bool:
         """``rank`` registered and has not gone silent past the heartbeat limit."""
         return self._liveness.is_alive(rank)
 
-    def metrics(self) -> dict[str, Any]:
-        """Counters, gauges and histogram snapshots, as ``stats()`` on the facades shows them."""
-        return {
-            **self.stats,
-            "rooms_in_flight": self.busy_rooms(),
-            "peers_alive": sum(1 for rank in self.peers if self._liveness.is_alive(rank)),
-            "histograms": {name: h.snapshot() for name, h in self.histograms.items()},
-        }
+    def pool_layout(self, rank: int) -> PoolLayout | None:
+        """Where ``rank``'s pool lives, as its registered socket announced (None before)."""
+        return self._layouts.get(rank)
 
-    def busy_rooms(self) -> int:
-        return sum(1 for r in self.rooms.values() if r.state not in TERMINAL_STATES)
+    def has_data(self, room: int) -> bool:
+        """``send`` was called for the room (its embedding is known here)."""
+        record = self.rooms.get(room)
+        return record is not None and record.aux is not None
+
+    def _gauges(self) -> dict[str, int]:
+        return {"peers_alive": sum(1 for rank in self.peers if self._liveness.is_alive(rank))}
 
     # -- inputs ------------------------------------------------------------------------
     def send(self, room: int, total_tokens: int, mrope_position_delta: int, now: float) -> list[Action]:
         """The embedding of ``room`` is ready: ``total_tokens`` rows (the I/O layer holds them)."""
+        check_room(room)
         try:
             aux = AuxHeader(room, total_tokens, mrope_position_delta, self.settings.hidden_size, self.settings.dtype)
         except InvalidField as error:
@@ -129,22 +108,14 @@ class Sender:
             raise LocalProtocolError(f"room {room} already succeeded", field="room")
         if record.aux is not None:
             actions: list[Action] = []
-            self._fail(record, "fail", f"illegal trigger 'data_ready' twice (state {record.state})", now, actions)
+            self._fail(record, FAIL, f"illegal trigger '{DATA_READY}' twice (state {record.state})", now, actions)
             raise RoomFailedError(actions, f"room {room}: send called twice; the room is now Failed")
         actions = []
-        if not self._step(record, "data_ready", now, actions):
+        if not self._step(record, DATA_READY, now, actions):
             return actions
         record.aux = aux
         if record.state == WAITING_FOR_INPUT:
             self._write_round_zero(record, actions)
-        return actions
-
-    def abort(self, room: int, now: float, reason: str = "aborted by sender") -> list[Action]:
-        record = self.rooms.get(room)
-        if record is None or record.state in TERMINAL_STATES:
-            return []
-        actions: list[Action] = []
-        self._fail(record, "abort", reason, now, actions)
         return actions
 
     def receive(self, message: Message, now: float) -> list[Action]:
@@ -169,6 +140,12 @@ class Sender:
         if isinstance(message, AbortAck):
             self.stats["abort_acks_received"] += 1
             return []
+        if isinstance(message, PoolLayout):
+            if message.rank in self.peers:
+                self._layouts[message.rank] = message
+            else:
+                self.stats["unregistered_dropped"] += 1  # a pool of a rank we did not accept
+            return []
         self.stats["stray_dropped"] += 1
         return []
 
@@ -189,7 +166,7 @@ class Sender:
             self._maybe_retire(record)
             return actions
         if error is not None:
-            self._fail(record, "fail", f"data write of round {round} to rank {rank} failed: {error}", now, actions)
+            self._fail(record, FAIL, f"data write of round {round} to rank {rank} failed: {error}", now, actions)
             return actions
         assert request is not None and record.aux is not None
         written = min(record.aux.total_tokens - dest.sent_tokens, request.allocated_tokens)
@@ -200,21 +177,15 @@ class Sender:
         if dest.sent_tokens == record.aux.total_tokens:
             dest.done = True
         if all(d.done for d in record.destinations.values()):
-            if self._step(record, "rows_complete", now, actions):
+            if self._step(record, ROWS_COMPLETE, now, actions):
                 self._finish(record, now, actions)
         else:
-            self._step(record, "rows_partial", now, actions)
+            self._step(record, ROWS_PARTIAL, now, actions)
         return actions
 
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
-
-        def expire(room: Any) -> None:
-            record = self.rooms.get(room)
-            if record is not None and record.state not in TERMINAL_STATES:
-                self._fail(record, "timeout", f"timeout in state {record.state}", now, actions)
-
-        self._deadlines.pop_expired(now, expire)
+        self._expire_rooms(now, actions)
         for rank, sequence in self._liveness.heartbeats_due(now):
             actions.append(SendMessage(Heartbeat(rank, self.incarnation, sequence), rank))
         for rank, silent in self._liveness.newly_silent(now):
@@ -222,18 +193,13 @@ class Sender:
             self._peer_lost(rank, f"receiver rank {rank} silent for {silent:.3g} s (peer dead)", now, actions)
         return actions
 
-    def forget(self, room: int) -> None:
-        """Drop a finished room's record (its id is remembered to classify late messages)."""
-        record = self.rooms.get(room)
-        if record is None:
-            return
-        if record.state not in TERMINAL_STATES:
-            raise LocalProtocolError(f"room {room} is still {record.state}", field="room")
+    def _forget_record(self, record: Any) -> None:
         record.forget_requested = True
         self._maybe_retire(record)
 
     # -- message handlers --------------------------------------------------------------
     def _on_register(self, message: Register, now: float) -> list[Action]:
+        """Accept or refuse a receiver rank, and answer it (``Registered``) either way."""
         actions: list[Action] = []
         replaced = self._liveness.register(message.rank, message.incarnation, now)
         if replaced is not None:
@@ -244,21 +210,27 @@ class Sender:
                 message.rank, f"receiver rank {message.rank} restarted (incarnation {replaced} -> {message.incarnation})",
                 now, actions, restarted=True,
             )
-        problems = []
-        if message.block_size != self.settings.block_size:
-            problems.append(f"block_size {message.block_size} != {self.settings.block_size}")
-        if message.hidden_size != self.settings.hidden_size:
-            problems.append(f"hidden_size {message.hidden_size} != {self.settings.hidden_size}")
-        if message.dtype != self.settings.dtype:
-            problems.append(f"dtype {message.dtype} != {self.settings.dtype}")
+        s = self.settings
+        problems = [
+            f"encode side has {name} {ours}, language side {theirs}"
+            for name, ours, theirs in (
+                ("block_size", s.block_size, message.block_size), ("hidden_size", s.hidden_size, message.hidden_size),
+                ("dtype", s.dtype, message.dtype), ("data_plane", s.data_plane, message.data_plane),
+            )
+            if ours != theirs
+        ]
+        reason = "configuration mismatch: " + "; ".join(problems) if problems else ""
         if problems:
-            self.rejected_peers[message.rank] = "configuration mismatch: " + ", ".join(problems)
+            self.rejected_peers[message.rank] = reason
             self.peers.pop(message.rank, None)
+            self._layouts.pop(message.rank, None)
             self.stats["registrations_rejected"] += 1
         else:
             self.rejected_peers.pop(message.rank, None)
             self.peers[message.rank] = message
             self.stats["registrations"] += 1
+        reply = Registered(self.incarnation, 0 if problems else 1, self.session_id, reason[:REASON_BYTES])
+        actions.append(SendMessage(reply, message.rank))
         return actions
 
     def _peer_lost(self, rank: int, reason: str, now: float, actions: list[Action], *, restarted: bool = False) -> None:
@@ -266,7 +238,7 @@ class Sender:
         hears our abort; a restarted one must not (its new rooms may reuse the ids)."""
         for record in list(self.rooms.values()):
             if record.state not in TERMINAL_STATES and rank in record.destinations:
-                self._fail(record, "peer_lost", reason, now, actions, quiet_rank=rank if restarted else None)
+                self._fail(record, PEER_LOST, reason, now, actions, quiet_rank=rank if restarted else None)
 
     def _on_init(self, message: Init, now: float) -> list[Action]:
         actions: list[Action] = []
@@ -278,7 +250,7 @@ class Sender:
                 # tell the receiver now rather than let it wait for its own timeout (but never
                 # while a write to it is in flight: that abort goes out once the write lands)
                 reason = record.reason if record is not None else "room already finished on the sender"
-                actions.append(SendMessage(Abort(message.room, message.rank, reason[:512]), message.rank))
+                actions.append(SendMessage(Abort(message.room, message.rank, reason[:REASON_BYTES]), message.rank))
             return actions
         if record is None:
             record = self._open(message.room, now)
@@ -287,15 +259,15 @@ class Sender:
             if known.round == 0 and known.request == message or known.round > 0 or known.writing or known.done:
                 self.stats["duplicate_dropped"] += 1
                 return actions
-            self._fail(record, "fail", f"rank {message.rank} sent a different init for room {message.room}", now, actions)
+            self._fail(record, FAIL, f"rank {message.rank} sent a different init for room {message.room}", now, actions)
             return actions
         rejected = self.rejected_peers.get(message.rank)
         if rejected is not None:
-            self._fail(record, "fail", f"rank {message.rank} rejected: {rejected}", now, actions, extra_rank=message.rank)
+            self._fail(record, FAIL, f"rank {message.rank} rejected: {rejected}", now, actions, extra_rank=message.rank)
             return actions
         if message.block_size != self.settings.block_size:
             self._fail(
-                record, "fail",
+                record, FAIL,
                 f"block size mismatch: rank {message.rank} uses {message.block_size}, sender {self.settings.block_size}",
                 now, actions, extra_rank=message.rank,
             )
@@ -304,7 +276,7 @@ class Sender:
             record.required = message.required_dst_info_num
         elif record.required != message.required_dst_info_num:
             self._fail(
-                record, "fail",
+                record, FAIL,
                 f"required_dst_info_num mismatch: {message.required_dst_info_num} vs {record.required}",
                 now, actions, extra_rank=message.rank,
             )
@@ -312,7 +284,7 @@ class Sender:
         record.destinations[message.rank] = _Destination(
             message.rank, message.block_size, request=message, incarnation=self._liveness.incarnation(message.rank),
         )
-        trigger = "destinations_known" if len(record.destinations) == record.required else "init_received"
+        trigger = DESTINATIONS_KNOWN if len(record.destinations) == record.required else INIT_RECEIVED
         if not self._step(record, trigger, now, actions):
             return actions
         if record.state == WAITING_FOR_INPUT and record.aux is not None:
@@ -327,16 +299,16 @@ class Sender:
             return actions
         dest = record.destinations.get(message.rank)
         if dest is None:
-            self._fail(record, "fail", f"resume from rank {message.rank}, which sent no init", now, actions)
+            self._fail(record, FAIL, f"resume from rank {message.rank}, which sent no init", now, actions)
             return actions
         if message.round <= dest.round:
             self.stats["duplicate_dropped"] += 1
             return actions
-        if not self._step(record, "resume_received", now, actions):
+        if not self._step(record, RESUME_RECEIVED, now, actions):
             return actions
         if message.round != dest.round + 1 or message.sent_tokens != dest.sent_tokens or dest.writing or dest.done:
             self._fail(
-                record, "fail",
+                record, FAIL,
                 f"unexpected resume round {message.round} at token {message.sent_tokens} from rank {message.rank}"
                 f" (expected round {dest.round + 1} at token {dest.sent_tokens})",
                 now, actions,
@@ -345,7 +317,7 @@ class Sender:
         try:
             check_capacity(message.allocated_tokens, message.extents, dest.block_size)
         except InvalidField as error:
-            self._fail(record, "fail", f"resume from rank {message.rank}: {error}", now, actions)
+            self._fail(record, FAIL, f"resume from rank {message.rank}: {error}", now, actions)
             return actions
         dest.round = message.round
         dest.request = message
@@ -361,7 +333,7 @@ class Sender:
             # never start writing blocks the receiver frees on our ack
             self._retire(message.room, ((message.rank, self._liveness.incarnation(message.rank)),))
         elif record.state not in TERMINAL_STATES:
-            self._fail(record, "abort", f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)
+            self._fail(record, ABORT, f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)
         if dest is not None and dest.writing:
             dest.owes_ack = True  # ack once the write in flight has landed
             dest.owes_abort = None
@@ -375,25 +347,6 @@ class Sender:
         self.rooms[room] = record
         self._deadlines.set(room, record.deadline)
         return record
-
-    def _step(self, record: _SenderRoom, trigger: str, now: float, actions: list[Action]) -> bool:
-        """Apply a trigger; an illegal one fails the room.  False when the room failed."""
-        try:
-            state = self._machine.fire(record.state, trigger)
-        except IllegalTransition as error:
-            if record.state in TERMINAL_STATES:
-                raise
-            self._fail(record, "fail", str(error), now, actions)
-            return False
-        if state != record.state or state == TRANSFERRING:
-            # a new phase, or progress while transferring, restarts the state's clock
-            record.state = state
-            if state in TERMINAL_STATES:
-                self._deadlines.clear(record.room)
-            else:
-                record.deadline = now + self._timeouts[state]
-                self._deadlines.set(record.room, record.deadline)
-        return True
 
     def _write_round_zero(self, record: _SenderRoom, actions: list[Action]) -> None:
         for dest in record.destinations.values():
@@ -414,19 +367,15 @@ class Sender:
             )
         )
 
-    def _fail(
-        self, record: _SenderRoom, trigger: str, reason: str, now: float, actions: list[Action],
+    def _abandon(
+        self, record: _SenderRoom, reason: str, now: float, actions: list[Action],
         *, extra_rank: int | None = None, quiet_rank: int | None = None,
     ) -> None:
-        record.state = self._machine.fire(record.state, trigger)
-        assert record.state == FAILED
-        record.reason = reason
-        self._deadlines.clear(record.room)
-        self.stats["rooms_failed"] += 1
-        self.stats[f"failed:{trigger}"] += 1
+        """Tell every destination that still needs rows (after its write in flight lands),
+        and let the source go once no write reads it."""
         ranks = set(record.destinations)
         if extra_rank is not None and extra_rank not in ranks:
-            actions.append(SendMessage(Abort(record.room, extra_rank, reason[:512]), extra_rank))
+            actions.append(SendMessage(Abort(record.room, extra_rank, reason), extra_rank))
         for rank in sorted(ranks):
             if rank == quiet_rank:
                 continue
@@ -434,12 +383,13 @@ class Sender:
             if dest.done:
                 continue
             if dest.writing:
-                dest.owes_abort = reason[:512]
+                dest.owes_abort = reason
             else:
-                actions.append(SendMessage(Abort(record.room, rank, reason[:512]), rank))
+                actions.append(SendMessage(Abort(record.room, rank, reason), rank))
         self._release_source_when_idle(record, actions)
-        self.histograms["failure_seconds"].observe(now - record.started)
-        actions.append(RoomFinished(record.room, Poll.Failed, reason, round=max((d.round for d in record.destinations.values()), default=0)))
+
+    def _last_round(self, record: _SenderRoom) -> int:
+        return max((d.round for d in record.destinations.values()), default=0)
 
     def _finish(self, record: _SenderRoom, now: float, actions: list[Action]) -> None:
         assert record.state == SUCCESS and record.aux is not None
@@ -449,7 +399,7 @@ class Sender:
             self.histograms["resume_rounds"].observe(dest.round)
         self.histograms["room_tokens"].observe(record.aux.total_tokens)
         self._release_source_when_idle(record, actions)
-        actions.append(RoomFinished(record.room, Poll.Success, round=max(d.round for d in record.destinations.values())))
+        actions.append(RoomFinished(record.room, Poll.Success, round=self._last_round(record)))
 
     def _release_source_when_idle(self, record: _SenderRoom, actions: list[Action]) -> None:
         """Release the source rows once, and only when no write still reads them."""
@@ -496,8 +446,3 @@ class Sender:
             return  # keep it until its writes land, so their completions find it
         self.rooms.pop(record.room, None)
         self._retire(record.room, tuple((d.rank, d.incarnation) for d in record.destinations.values()))
-
-    def _retire(self, room: int, peers: tuple[tuple[int, int | None], ...] = ()) -> None:
-        self._retired[room] = peers
-        if len(self._retired) > RETIRED_MEMORY:
-            self._retired.popitem(last=False)

@@ -69,9 +69,10 @@ from typing import Any, Optional
 import attrs
 
 from embxfer.core import (
-    Allocation, Allocator, CollectRows, LocalProtocolError, Receiver, Register, Registered, ReleaseSource,
-    RoomFinished, RoomMachine, SendMessage, Sender, Settings, Status, WriteRows, machine_for,
+    Allocation, Allocator, CollectRows, LocalProtocolError, Receiver, ReleaseSource,
+    RoomFinished, SendMessage, Sender, Settings, Status, WriteRows,
 )
+from embxfer.core._machine import RoomMachine, machine_for
 
 from . import invariants
 from .tables import TERMINAL_STATES
@@ -549,8 +550,8 @@ class World:
         self._canon: dict[int, int] = {}  # hashes of endpoints' canonical forms, while unchanged
         self._canonical = _canonical_inert_liveness if config.liveness_inert else canonical
         for rank, receiver in enumerate(self.receivers):  # the link is up: registered both ways
-            self._sender_actions(self.sender.receive(receiver.register_message(), self.now))
-            self._receiver_actions(rank, receiver.peer_connected(self.now, self.sender.incarnation))
+            for reply in self.sender.receive(receiver.register_message(), self.now):  # the sender's Registered
+                self._receiver_actions(rank, receiver.receive(reply.message, self.now))
 
     def _tx(self) -> Sender:
         """The sender, to change: this world's own copy."""
@@ -610,15 +611,12 @@ class World:
         if rank in self.crashed:
             self._sender_actions(self._tx().write_done(write.room, rank, write.round, self.now, "peer down"))
             return
-        allocator = self.receivers[rank].allocator
-        for first_slot, token_offset, length in write.runs:
+        problem = self.receivers[rank].write_problem(write)  # the core's admission rule
+        if problem is not None:
+            self.violations.append(f"write of room {write.room} round {write.round}: {problem}")
+        for first_slot, token_offset, length in write.runs:  # a one-sided write lands all the same
             for i in range(length):
-                slot = first_slot + i
-                owner = allocator.owner_of_block(slot // allocator.block_size)
-                if owner is None or allocator.owner_room(owner) != write.room:
-                    self.violations.append(f"write of room {write.room} round {write.round} touched slot {slot} "
-                                           f"owned by {allocator.owner_room(owner) if owner is not None else 'nobody'}")
-                self.pools[rank][slot] = (write.room, write.sent_tokens + token_offset + i)
+                self.pools[rank][first_slot + i] = (write.room, write.sent_tokens + token_offset + i)
         if write.aux is not None and write.aux_block is not None:
             self.aux[rank][write.aux_block] = write.aux
         self._sender_actions(self._tx().write_done(write.room, rank, write.round, self.now))
@@ -694,16 +692,8 @@ class World:
                 return
             if dst == SENDER:
                 self._sender_actions(self._tx().receive(message, self.now))
-                if isinstance(message, Register):  # answered as the real encode server does
-                    reason = self.sender.rejected_peers.get(message.rank, "")
-                    self._sender_actions([SendMessage(
-                        Registered(self.sender.incarnation, 0 if reason else 1, "", reason[:512]), message.rank)])
             else:
                 receiver = self._rx(dst)
-                if isinstance(message, Registered):
-                    if message.accepted:
-                        self._receiver_actions(dst, receiver.peer_connected(self.now, message.incarnation))
-                    return
                 aux = None
                 if isinstance(message, Status) and message.round == 0:
                     try:

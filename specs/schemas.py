@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Final
 
 MAGIC: Final = b"EMBX"
-VERSION: Final = 1
+VERSION: Final = 2  # 2: Register names its data plane
 MAX_STR_BYTES: Final = 1024
 MAX_EXTENTS: Final = 1 << 16
 
@@ -32,7 +32,7 @@ MESSAGE_SCHEMAS: Final[dict[str, tuple[int, tuple[tuple[str, str], ...]]]] = {
     "Register": (1, (
         ("rank", "u32"), ("required_dst_info_num", "u32"), ("incarnation", "u64"),
         ("block_size", "u32"), ("hidden_size", "u32"),
-        ("dtype", "str"), ("endpoint", "str"), ("session_id", "str"),
+        ("dtype", "str"), ("endpoint", "str"), ("session_id", "str"), ("data_plane", "str"),
     )),
     # receiver -> sender, round 0: the first allocation
     "Init": (2, (
@@ -61,7 +61,8 @@ MESSAGE_SCHEMAS: Final[dict[str, tuple[int, tuple[tuple[str, str], ...]]]] = {
         ("rank", "u32"), ("pool_slots", "u32"), ("embeddings_addr", "u64"), ("fill_ids_addr", "u64"),
         ("mrope_addr", "u64"), ("aux_addr", "u64"),
     )),
-    # sender -> receiver: the answer to Register, with the sender's data-plane session
+    # sender -> receiver: the answer to Register, with the sender's data-plane session;
+    # a refusal says why (e.g. the two sides' block sizes)
     "Registered": (9, (
         ("incarnation", "u64"), ("accepted", "u32"), ("session_id", "str"), ("reason", "str"),
     )),

@@ -26,6 +26,22 @@ TRANSFERRING: Final = "Transferring"
 SUCCESS: Final = "Success"
 FAILED: Final = "Failed"
 
+# Triggers: the inputs of the tables, named once here so a misspelt one fails at import.
+INIT_RECEIVED: Final = "init_received"
+DESTINATIONS_KNOWN: Final = "destinations_known"
+DATA_READY: Final = "data_ready"
+ROWS_PARTIAL: Final = "rows_partial"
+ROWS_COMPLETE: Final = "rows_complete"
+RESUME_RECEIVED: Final = "resume_received"
+INIT_SENT: Final = "init_sent"
+ROUND_PARTIAL: Final = "round_partial"
+ROUND_COMPLETE: Final = "round_complete"
+RESUME_SENT: Final = "resume_sent"
+ABORT: Final = "abort"
+TIMEOUT: Final = "timeout"
+FAIL: Final = "fail"
+PEER_LOST: Final = "peer_lost"
+
 STATES: Final = (FAILED, BOOTSTRAPPING, WAITING_FOR_INPUT, TRANSFERRING, SUCCESS)
 TERMINAL_STATES: Final = frozenset({SUCCESS, FAILED})
 NON_TERMINAL_STATES: Final = (BOOTSTRAPPING, WAITING_FOR_INPUT, TRANSFERRING)
@@ -51,7 +67,7 @@ Row = tuple[str, str, "str | None"]
 _ANY_LIVE = NON_TERMINAL_STATES
 # Every live state can fail: an abort from either side, its own timeout, a protocol error
 # ("fail"), or the peer it involves going silent or restarting ("peer_lost").
-FAILURE_TRIGGERS: Final = ("abort", "timeout", "fail", "peer_lost")
+FAILURE_TRIGGERS: Final = (ABORT, TIMEOUT, FAIL, PEER_LOST)
 
 # Sender room ("encode" side).
 #   Bootstrapping    waits for the init of every one of required_dst_info_num destinations
@@ -59,20 +75,20 @@ FAILURE_TRIGGERS: Final = ("abort", "timeout", "fail", "peer_lost")
 #   Transferring     round 0 is written and some destination still needs a resume
 SENDER_TABLE: Final[tuple[Row, ...]] = (
     # an init from one destination while others are still missing
-    ("init_received", BOOTSTRAPPING, None),
+    (INIT_RECEIVED, BOOTSTRAPPING, None),
     # the init that completes the destination set
-    ("destinations_known", BOOTSTRAPPING, WAITING_FOR_INPUT),
+    (DESTINATIONS_KNOWN, BOOTSTRAPPING, WAITING_FOR_INPUT),
     # the embedding may be ready before the destinations are: it is kept until they are
-    ("data_ready", BOOTSTRAPPING, None),
-    ("data_ready", WAITING_FOR_INPUT, None),
+    (DATA_READY, BOOTSTRAPPING, None),
+    (DATA_READY, WAITING_FOR_INPUT, None),
     # a written round left some destination short: wait for its resume
-    ("rows_partial", WAITING_FOR_INPUT, TRANSFERRING),
-    ("rows_partial", TRANSFERRING, None),
+    (ROWS_PARTIAL, WAITING_FOR_INPUT, TRANSFERRING),
+    (ROWS_PARTIAL, TRANSFERRING, None),
     # every destination has every token row
-    ("rows_complete", WAITING_FOR_INPUT, SUCCESS),
-    ("rows_complete", TRANSFERRING, SUCCESS),
+    (ROWS_COMPLETE, WAITING_FOR_INPUT, SUCCESS),
+    (ROWS_COMPLETE, TRANSFERRING, SUCCESS),
     # a destination asks for the next round
-    ("resume_received", TRANSFERRING, None),
+    (RESUME_RECEIVED, TRANSFERRING, None),
     *((trigger, state, FAILED) for trigger in FAILURE_TRIGGERS for state in _ANY_LIVE),
 )
 
@@ -81,12 +97,12 @@ SENDER_TABLE: Final[tuple[Row, ...]] = (
 #   WaitingForInput  init sent with the first allocation; waits for round 0
 #   Transferring     a partial round arrived; allocating the rest / waiting for resumes
 RECEIVER_TABLE: Final[tuple[Row, ...]] = (
-    ("init_sent", BOOTSTRAPPING, WAITING_FOR_INPUT),
-    ("round_partial", WAITING_FOR_INPUT, TRANSFERRING),
-    ("round_partial", TRANSFERRING, None),
-    ("resume_sent", TRANSFERRING, None),
-    ("round_complete", WAITING_FOR_INPUT, SUCCESS),
-    ("round_complete", TRANSFERRING, SUCCESS),
+    (INIT_SENT, BOOTSTRAPPING, WAITING_FOR_INPUT),
+    (ROUND_PARTIAL, WAITING_FOR_INPUT, TRANSFERRING),
+    (ROUND_PARTIAL, TRANSFERRING, None),
+    (RESUME_SENT, TRANSFERRING, None),
+    (ROUND_COMPLETE, WAITING_FOR_INPUT, SUCCESS),
+    (ROUND_COMPLETE, TRANSFERRING, SUCCESS),
     *((trigger, state, FAILED) for trigger in FAILURE_TRIGGERS for state in _ANY_LIVE),
 )
 

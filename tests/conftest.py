@@ -10,8 +10,8 @@ def receiver_without_quarantine(monkeypatch):
 
     original = _receiver.Receiver._fail
 
-    def free_at_once(self, record, trigger, reason, now, actions, *, sender_quiet=False):
-        original(self, record, trigger, reason, now, actions, sender_quiet=sender_quiet)
+    def free_at_once(self, record, trigger, reason, now, actions, **options):
+        original(self, record, trigger, reason, now, actions, **options)
         self._release_quarantine(record.room)
 
     monkeypatch.setattr(_receiver.Receiver, "_fail", free_at_once)

@@ -10,7 +10,8 @@ from collections import Counter, OrderedDict, defaultdict, deque
 import attrs
 
 from embxfer.adapters.cli import main
-from embxfer.core import Heartbeat, Poll, Resume, machine_for
+from embxfer.core import Heartbeat, Poll, Resume
+from embxfer.core._machine import machine_for
 from embxfer.specs.checker import Config, World, checker_settings, clone_state, explore, resume_rounds
 
 

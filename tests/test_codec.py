@@ -14,7 +14,6 @@ from embxfer.core import (
     Abort,
     AbortAck,
     AuxHeader,
-    BlockSizeMismatch,
     DecodeError,
     Heartbeat,
     Init,
@@ -93,6 +92,7 @@ def registers(draw: st.DrawFn) -> Register:
         dtype=draw(st.sampled_from(sorted(DTYPE_CODES))),
         endpoint=draw(texts),
         session_id=draw(texts),
+        data_plane=draw(st.sampled_from(["mooncake", "zmq", ""]) | texts),
     )
 
 
@@ -212,8 +212,8 @@ def test_round_trip_every_message_type(name: str, data: st.DataObject) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(init=inits(block_size=st.sampled_from([1, 16, 64, 128, 4096])))
-def test_init_round_trip_with_matching_block_size(init: Init) -> None:
-    assert decode(encode(init), block_size=init.block_size) == init
+def test_init_round_trip_with_any_block_size(init: Init) -> None:
+    assert decode(encode(init)) == init
 
 
 def test_decode_accepts_frame_objects_with_bytes_attribute() -> None:
@@ -277,7 +277,7 @@ def test_wrong_magic() -> None:
     assert decode_error(frames).field == "header.magic"
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, VERSION - 1, VERSION + 1, 255])
 def test_wrong_version(version: int) -> None:
     frames = init_frames()
     frames[0] = MAGIC + bytes([version, MESSAGE_SCHEMAS["Init"][0]])
@@ -294,7 +294,7 @@ def test_unknown_tag(tag: int) -> None:
 @pytest.mark.parametrize("name", MESSAGE_NAMES)
 def test_wrong_number_of_frames(name: str) -> None:
     message = {
-        "Register": Register(0, 1, 5, 128, 64, "bfloat16", "tcp://h:1", "s"),
+        "Register": Register(0, 1, 5, 128, 64, "bfloat16", "tcp://h:1", "s", "mooncake"),
         "Init": INIT,
         "Resume": Resume(7, 0, 1, 300, 128, ((9, 1),)),
         "Status": Status(7, 0, 0, 0, 300),
@@ -339,10 +339,10 @@ def test_non_utf8_string(bad: bytes) -> None:
     abort = encode(Abort(1, 0, "x"))
     abort[2] = bad
     assert decode_error(abort).field == "Abort.reason"
-    register = encode(Register(0, 1, 5, 128, 64, "bfloat16", "tcp://h:1", "s"))
+    register = encode(Register(0, 1, 5, 128, 64, "bfloat16", "tcp://h:1", "s", "mooncake"))
     register[3] = bad  # frames: header, fixed, dtype, endpoint, session_id
     assert decode_error(register).field == "Register.endpoint"
-    register = encode(Register(0, 1, 5, 128, 64, "bfloat16", "tcp://h:1", "s"))
+    register = encode(Register(0, 1, 5, 128, 64, "bfloat16", "tcp://h:1", "s", "mooncake"))
     register[4] = bad
     assert decode_error(register).field == "Register.session_id"
 
@@ -441,7 +441,7 @@ def test_register_rules() -> None:
         return [
             MAGIC + bytes([VERSION, MESSAGE_SCHEMAS["Register"][0]]),
             struct.pack(">IIQII", rank, required, 1, block_size, hidden),
-            dtype, b"tcp://h:1", b"sess",
+            dtype, b"tcp://h:1", b"sess", b"mooncake",
         ]
 
     assert decode(frames()).dtype == "float16"
@@ -450,38 +450,44 @@ def test_register_rules() -> None:
     assert decode_error(frames(block_size=0)).field == "Register.block_size"
     assert decode_error(frames(hidden=0)).field == "Register.hidden_size"
     assert decode_error(frames(dtype=b"float64")).field == "Register.dtype"
-    assert decode_error(frames(block_size=64), block_size=128).field == "Register.block_size"
+    assert decode(frames(block_size=64)).block_size == 64  # the core judges it, not the codec
 
 
 # --------------------------------------------------------------------------- block size agreement
+# The codec decodes; the core judges: a peer with another block size is refused by the
+# sender with both values in the reason, never dropped as undecodable.
 
 
-def test_block_size_mismatch() -> None:
-    init = Init(room=1, rank=0, required_dst_info_num=1, block_size=128, allocated_tokens=200, extents=((0, 2),))
-    with pytest.raises(BlockSizeMismatch) as info:
-        decode(encode(init), block_size=64)
-    err = info.value
-    assert isinstance(err, DecodeError) and isinstance(err, ProtocolError)
-    assert err.field == "Init.block_size"
-    assert "128" in str(err) and "64" in str(err)
-    assert decode(encode(init), block_size=128) == init
-    assert decode(encode(init)) == init
+def test_register_with_another_block_size_is_refused_with_both_values() -> None:
+    sender = core.Sender(core.Settings(block_size=64), incarnation=9, session_id="s")
+    register = decode(encode(Register(0, 1, 5, 128, 1024, "bfloat16", "tcp://h:1", "sess", "mooncake")))
+    [reply] = sender.receive(register, 0.0)
+    assert isinstance(reply, core.SendMessage) and reply.rank == 0
+    assert reply.message == Registered(9, 0, "s", "configuration mismatch: encode side has block_size 64, language side 128")
+    assert sender.stats["registrations_rejected"] == 1 and 0 not in sender.peers
 
 
-def test_block_size_argument_ignored_for_messages_without_block_size() -> None:
-    resume = Resume(1, 0, 1, 10, 5, ((0, 1),))
-    assert decode(encode(resume), block_size=64) == resume
+def test_init_with_another_block_size_fails_its_room_with_both_values() -> None:
+    sender = core.Sender(core.Settings(block_size=64))
+    init = decode(encode(Init(room=1, rank=0, required_dst_info_num=1, block_size=128, allocated_tokens=200,
+                              extents=((0, 2),))))
+    actions = sender.receive(init, 0.0)
+    assert sender.poll(1) == core.Poll.Failed
+    assert "block size mismatch: rank 0 uses 128, sender 64" == sender.failure(1)
+    assert any(isinstance(a, core.SendMessage) and isinstance(a.message, Abort) for a in actions)
 
 
 @settings(max_examples=100, deadline=None)
 @given(init=inits(), ours=st.integers(1, 1 << 16))
 def test_block_size_mismatch_property(init: Init, ours: int) -> None:
-    if ours == init.block_size:
-        assert decode(encode(init), block_size=ours) == init
+    assert decode(encode(init)) == init
+    sender = core.Sender(core.Settings(block_size=ours))
+    sender.receive(init, 0.0)
+    if ours != init.block_size:
+        assert sender.poll(init.room) == core.Poll.Failed
+        assert f"uses {init.block_size}, sender {ours}" in sender.failure(init.room)
     else:
-        with pytest.raises(BlockSizeMismatch) as info:
-            decode(encode(init), block_size=ours)
-        assert info.value.field == "Init.block_size"
+        assert sender.poll(init.room) != core.Poll.Failed
 
 
 # --------------------------------------------------------------------------- fuzz
@@ -616,9 +622,9 @@ def test_local_construction_other_messages() -> None:
     assert invalid_field(Heartbeat, rank=0, incarnation=1, sequence=True).field == "sequence"
     assert invalid_field(Status, room=1, rank=0, round=0, sent_tokens=0, written_tokens=0).field == "written_tokens"
     assert invalid_field(Resume, 1, 0, 0, 10, 5, ((0, 1),)).field == "round"
-    assert invalid_field(Register, 0, 1, 1, 128, 64, "float64", "e", "s").field == "dtype"
-    assert invalid_field(Register, 0, 0, 1, 128, 64, "float16", "e", "s").field == "required_dst_info_num"
-    assert invalid_field(Register, "0", 1, 1, 128, 64, "float16", "e", "s").field == "rank"
+    assert invalid_field(Register, 0, 1, 1, 128, 64, "float64", "e", "s", "zmq").field == "dtype"
+    assert invalid_field(Register, 0, 0, 1, 128, 64, "float16", "e", "s", "zmq").field == "required_dst_info_num"
+    assert invalid_field(Register, "0", 1, 1, 128, 64, "float16", "e", "s", "zmq").field == "rank"
 
 
 def test_messages_are_immutable() -> None:

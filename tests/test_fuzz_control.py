@@ -260,6 +260,7 @@ def valid_messages(draw):
             rank, draw(st.integers(rank + 1, U32_MAX)), draw(u64s),
             draw(st.sampled_from([BLOCK_SIZE, BLOCK_SIZE, 1, 16])), draw(st.sampled_from([HIDDEN, HIDDEN, 1, 4096])),
             draw(st.sampled_from([DTYPE, DTYPE, "bfloat16", "float32"])), draw(texts), draw(texts),
+            draw(st.sampled_from(["mooncake", "mooncake", "zmq", ""])),
         )
     if kind == "Init":
         rank = draw(ranks)
@@ -417,7 +418,7 @@ def classify(frames: list[bytes]) -> tuple[str, int | None]:
     type (or ``DecodeError``, or ``impersonation`` when it names the live rank or a live
     room) and the rank it names."""
     try:
-        message = decode(frames, block_size=SETTINGS.block_size)
+        message = decode(frames)
     except DecodeError:
         return "DecodeError", None
     room, rank = getattr(message, "room", None), getattr(message, "rank", None)
@@ -435,7 +436,7 @@ def dealer(context: zmq.Context, addr: str) -> zmq.Socket:
 
 def registration(rank: int) -> Register:
     """A valid Register for a rank that is not the live client's."""
-    return Register(rank, rank + 1, 7, BLOCK_SIZE, HIDDEN, DTYPE, "fuzz", "127.0.0.1:1")
+    return Register(rank, rank + 1, 7, BLOCK_SIZE, HIDDEN, DTYPE, "fuzz", "127.0.0.1:1", "mooncake")
 
 
 def wait_registered(sock: zmq.Socket, timeout: float, replies: list) -> Registered:

@@ -128,7 +128,7 @@ def test_a_silent_receiver_that_comes_back_is_served_again() -> None:
 
 # -- incarnations: the core directly ------------------------------------------------------
 def register(incarnation: int, rank: int = 0, required: int = 1) -> Register:
-    return Register(rank, required, incarnation, LIVE.block_size, LIVE.hidden_size, LIVE.dtype, "rx", "")
+    return Register(rank, required, incarnation, LIVE.block_size, LIVE.hidden_size, LIVE.dtype, "rx", "", LIVE.data_plane)
 
 
 def init(room: int, rank: int = 0) -> Init:
@@ -168,12 +168,12 @@ def test_sender_drops_heartbeats_of_an_old_incarnation() -> None:
 def test_receiver_a_restarted_sender_frees_quarantine_and_fails_only_rooms_it_knew() -> None:
     receiver = Receiver(LIVE, incarnation=5)
     receiver.register_message()
-    receiver.peer_connected(0.0, incarnation=100)
+    receiver.receive(Registered(100, 1, "", ""), 0.0)
     receiver.init(1, 0.0)  # told the sender (init sent)
     receiver.abort(1, 0.1)  # quarantined: the old sender might still write
     receiver.init(2, 0.2)  # told the sender
     assert receiver.quarantined_blocks == 2
-    actions = receiver.peer_connected(1.0, incarnation=101)
+    actions = receiver.receive(Registered(101, 1, "", ""), 1.0)
     assert receiver.poll(2) == Poll.Failed
     assert receiver.failure(2) == "encode peer restarted (incarnation 100 -> 101)"
     assert receiver.quarantined_blocks == 0 and receiver.allocator.free_blocks == LIVE.pool_blocks
@@ -188,23 +188,22 @@ def test_receiver_a_restarted_sender_frees_quarantine_and_fails_only_rooms_it_kn
 def test_receiver_retries_registration_until_a_sender_answers() -> None:
     receiver = Receiver(LIVE)
     registration = receiver.register_message(endpoint="rx")
-    receiver.peer_connected(0.0, incarnation=1)
+    receiver.receive(Registered(1, 1, "", ""), 0.0)
     actions = receiver.tick(LIVE.heartbeat_interval * LIVE.heartbeat_misses + 0.5)
     assert receiver.stats["peers_lost"] == 1 and not receiver.peer_ready
     sent = [a.message for a in actions if isinstance(a, SendMessage)]
     assert registration in sent
     later = receiver.tick(LIVE.heartbeat_interval * LIVE.heartbeat_misses + 0.5 + LIVE.heartbeat_interval)
     assert registration in [a.message for a in later if isinstance(a, SendMessage)]
-    receiver.peer_connected(10.0, incarnation=1)  # the same process answered: nothing restarted
+    receiver.receive(Registered(1, 1, "", ""), 10.0)  # the same process answered: nothing restarted
     assert receiver.peer_ready and receiver.stats["peers_restarted"] == 0
-    assert Registered  # the adapter turns the sender's Registered into peer_connected
 
 
 @pytest.mark.parametrize("misses", [1, 2, 5])
 def test_death_is_declared_after_whole_silent_intervals_only(misses: int) -> None:
     settings = attrs.evolve(LIVE, heartbeat_misses=misses)
     receiver = Receiver(settings)
-    receiver.peer_connected(0.0, incarnation=1)
+    receiver.receive(Registered(1, 1, "", ""), 0.0)
     receiver.tick(settings.heartbeat_interval * misses)
     assert receiver.stats["peers_lost"] == 0
     deadline = receiver.next_deadline()

@@ -365,7 +365,7 @@ def test_registration_with_mismatched_configuration_fails_rooms_with_reason():
     rx.init(1)
     link.run_until_idle()
     assert rx.poll(1) == Poll.Failed
-    assert "configuration mismatch: hidden_size 16 != 8" in rx.failure(1)
+    assert "configuration mismatch: encode side has hidden_size 8, language side 16" in rx.failure(1)
     link.advance(100)
     assert all_free(link)
 

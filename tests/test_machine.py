@@ -4,9 +4,10 @@ ones fail the room with a reason naming state and trigger; terminal states never
 import pytest
 
 from embxfer.core import (
-    AuxHeader, IllegalTransition, Init, Poll, Receiver, Resume, RoomFinished, SendMessage, Sender, Settings, Status,
-    machine_for,
+    AuxHeader, IllegalTransition, Init, Poll, Receiver, Registered, Resume, RoomFinished, SendMessage, Sender, Settings,
+    Status,
 )
+from embxfer.core._machine import machine_for
 from embxfer.specs.tables import (
     FAILED, NON_TERMINAL_STATES, POLL_VALUES, RECEIVER_TABLE, SENDER_TABLE, STATES, TERMINAL_STATES, expected_dest,
     triggers,
@@ -33,7 +34,7 @@ def sender_in(state):
 def receiver_in(state):
     rx = Receiver(S)
     if state != "Bootstrapping":
-        rx.peer_connected(0.0)
+        rx.receive(Registered(1, 1, "", ""), 0.0)
     rx.init(ROOM, 0.0)
     if state in ("Transferring", "Success"):
         total = 10 if state == "Transferring" else 3

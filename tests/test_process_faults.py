@@ -125,7 +125,7 @@ def test_kill_9_encode_mid_resume_then_a_restarted_encode_at_the_same_address(pr
 def test_kill_9_language_mid_transfer_then_a_new_language_process_reusing_room_ids(processes) -> None:  # type: ignore[no-untyped-def]
     """The encode side fails the dead rank's rooms within the heartbeat bound, lets every
     source go, and serves a restarted language process whose room ids start over."""
-    server = EncodeServer(SETTINGS, synthetic_seed=SEED)
+    server = EncodeServer(SETTINGS, data_for_room=lambda room: room_data(SEED, room, SETTINGS))
     try:
         doomed = language(server.bootstrap_addr, 100000, "--in-flight", "8", "--no-progress",
                           env={**os.environ, **FAULT_ENV})

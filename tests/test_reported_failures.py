@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from embxfer.adapters import Poll, connect_loopback
-from embxfer.core import Abort, Init, Receiver, SendMessage, Sender, Settings, Status
+from embxfer.core import Abort, Init, Receiver, Registered, SendMessage, Sender, Settings, Status
 
 from helpers import all_free, control as pending_of, rows
 
@@ -137,7 +137,7 @@ def test_sglang_15674_mismatched_rank_counts_fail_the_room_with_a_reason_not_a_h
     assert set(told) == {0, 1} and all("required_dst_info_num mismatch" in r for r in told.values())
     # a receiver hears it and frees its blocks at once: the sender never wrote them
     receiver = Receiver(S, rank=0, required_dst_info_num=2)
-    receiver.peer_connected(0.0, incarnation=1)
+    receiver.receive(Registered(1, 1, "", ""), 0.0)
     receiver.init(7, 0.0)
     receiver.receive(Abort(7, 0, told[0]), 0.2)
     assert receiver.poll(7) == Poll.Failed and receiver.allocator.free_blocks == S.pool_blocks

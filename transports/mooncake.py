@@ -120,10 +120,11 @@ def register_pool(engine: MooncakeEngine, pool: PoolBuffers) -> None:
         engine.register(tensor)
 
 
-def layout_of(pool: PoolBuffers, rank: int) -> PoolLayout:
-    return PoolLayout(
-        rank, pool.fill_ids.shape[0], pool.embeddings.data_ptr(), pool.fill_ids.data_ptr(),
-        pool.mrope.data_ptr(), pool.aux.data_ptr(),
+def pool_addresses(pool: PoolBuffers) -> dict[str, int]:
+    """The pool's size and buffer addresses, for ``Receiver.pool_layout_message``."""
+    return dict(
+        pool_slots=int(pool.fill_ids.shape[0]), embeddings_addr=pool.embeddings.data_ptr(),
+        fill_ids_addr=pool.fill_ids.data_ptr(), mrope_addr=pool.mrope.data_ptr(), aux_addr=pool.aux.data_ptr(),
     )
 
 

@@ -87,9 +87,10 @@ def parse_data_session(session_id: str) -> tuple[str, int]:
         raise ValueError(f"{session_id!r} has no session token") from None
 
 
-def pool_layout(pool: PoolBuffers, rank: int) -> PoolLayout:
-    """The pool's size for the sender's range checks (no addresses: nothing writes them remotely)."""
-    return PoolLayout(rank, pool.fill_ids.shape[0], 0, 0, 0, 0)
+def pool_extent(pool: PoolBuffers) -> dict[str, int]:
+    """The pool's size for the sender's range checks (no addresses: nothing writes them
+    remotely), for ``Receiver.pool_layout_message``."""
+    return dict(pool_slots=int(pool.fill_ids.shape[0]))
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

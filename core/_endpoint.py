@@ -1,0 +1,180 @@
+"""What the sender and the receiver endpoints share: room records stepped through the
+transition table, their deadlines, failing a room, forgetting it, and the public queries.
+
+Each role adds only what is its own (``_sender.py``, ``_receiver.py``) through three
+hooks: ``_abandon`` (what a failed room owes its peers and its memory), ``_after_failure``
+(work a failure unblocks) and ``_last_round`` (the round a finished room was in).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Any
+
+from embxfer.specs.tables import FAILED, NON_TERMINAL_STATES, TERMINAL_STATES, TIMEOUT, TRANSFERRING
+
+from ._actions import Action, Poll, RoomFinished
+from ._errors import IllegalTransition, LocalProtocolError
+from ._liveness import Liveness
+from ._machine import machine_for
+from ._messages import U64_MAX
+from ._metrics import endpoint_histograms
+from ._settings import Settings
+from ._timers import Deadlines
+
+RETIRED_MEMORY = 1 << 16  # finished room ids remembered to classify late messages
+REASON_BYTES = 512  # a failure reason travels in an Abort's text field at most this long
+
+
+def check_room(room: Any) -> int:
+    """A room id as the wire carries it (SGLang's non-negative int64), or a typed error."""
+    if type(room) is not int or not 0 <= room <= U64_MAX:
+        raise LocalProtocolError(f"room must be an integer in 0..{U64_MAX}, got {room!r}", field="room")
+    return room
+
+
+class Endpoint:
+    """Rooms of one endpoint: ``rooms`` maps a room id to its record (``state``, ``deadline``,
+    ``reason``, ``started``)."""
+
+    role: str
+
+    def __init__(self, settings: Settings, incarnation: int) -> None:
+        self.settings = settings
+        self.incarnation = incarnation
+        self.rooms: dict[int, Any] = {}
+        self.stats: Counter[str] = Counter()
+        self.histograms = endpoint_histograms()
+        self._timeouts = {state: settings.timeout_for(state) for state in NON_TERMINAL_STATES}
+        self._machine = machine_for(self.role)
+        self._deadlines = Deadlines()
+        self._liveness = Liveness(settings)
+        # finished room ids, with the (rank, incarnation) pairs they involved (sender side)
+        self._retired: OrderedDict[int, tuple[tuple[int, int | None], ...]] = OrderedDict()
+
+    # -- queries -----------------------------------------------------------------------
+    def poll(self, room: int) -> Poll:
+        record = self.rooms.get(room)
+        if record is None:
+            raise LocalProtocolError(f"unknown room {room}", field="room")
+        return Poll[record.state]
+
+    def state_of(self, room: int) -> str | None:
+        """The room's state name, or None when this endpoint holds no record of it."""
+        record = self.rooms.get(room)
+        return record.state if record is not None else None
+
+    def is_finished(self, room: int) -> bool:
+        """The room's record is terminal (Success or Failed)."""
+        record = self.rooms.get(room)
+        return record is not None and record.state in TERMINAL_STATES
+
+    def room_states(self) -> dict[int, str]:
+        """Every room this endpoint holds a record of, with its state name."""
+        return {room: record.state for room, record in self.rooms.items()}
+
+    def live_rooms(self) -> list[int]:
+        """Ids of the rooms that have not ended."""
+        return [room for room, record in self.rooms.items() if record.state not in TERMINAL_STATES]
+
+    def failure(self, room: int) -> str:
+        record = self.rooms.get(room)
+        return record.reason if record is not None else ""
+
+    def busy_rooms(self) -> int:
+        return sum(1 for record in self.rooms.values() if record.state not in TERMINAL_STATES)
+
+    def next_room_deadline(self) -> float | None:
+        """The earliest room timeout, leaving out heartbeats, peer-silence checks and quarantine."""
+        return self._deadlines.next_deadline()
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters, gauges and histogram snapshots, as ``stats()`` on the facades shows them."""
+        return {
+            **self.stats,
+            "rooms_in_flight": self.busy_rooms(),
+            **self._gauges(),
+            "histograms": {name: h.snapshot() for name, h in self.histograms.items()},
+        }
+
+    def _gauges(self) -> dict[str, int]:
+        return {}
+
+    # -- inputs shared by both roles ---------------------------------------------------
+    def abort(self, room: int, now: float, reason: str | None = None) -> list[Action]:
+        """End ``room`` from this side; the peer is told.  A finished or unknown room: nothing."""
+        record = self.rooms.get(room)
+        if record is None or record.state in TERMINAL_STATES:
+            return []
+        actions: list[Action] = []
+        self._fail(record, "abort", reason or f"aborted by {self.role}", now, actions)
+        return actions
+
+    def forget(self, room: int) -> None:
+        """Drop a finished room's record; its id is remembered to classify late messages."""
+        record = self.rooms.get(room)
+        if record is None:
+            return
+        if record.state not in TERMINAL_STATES:
+            raise LocalProtocolError(f"room {room} is still {record.state}", field="room")
+        self._forget_record(record)
+
+    def _forget_record(self, record: Any) -> None:
+        del self.rooms[record.room]
+        self._retire(record.room)
+
+    # -- stepping rooms ----------------------------------------------------------------
+    def _step(self, record: Any, trigger: str, now: float, actions: list[Action]) -> bool:
+        """Apply a trigger; an illegal one fails the room.  False when the room failed."""
+        try:
+            state = self._machine.fire(record.state, trigger)
+        except IllegalTransition as error:
+            if record.state in TERMINAL_STATES:
+                raise
+            self._fail(record, "fail", str(error), now, actions)
+            return False
+        if state != record.state or state == TRANSFERRING:
+            # a new phase, or progress while transferring, restarts the state's clock
+            record.state = state
+            if state in TERMINAL_STATES:
+                self._deadlines.clear(record.room)
+            else:
+                record.deadline = now + self._timeouts[state]
+                self._deadlines.set(record.room, record.deadline)
+        return True
+
+    def _expire_rooms(self, now: float, actions: list[Action]) -> None:
+        def expire(room: Any) -> None:
+            record = self.rooms.get(room)
+            if record is not None and record.state not in TERMINAL_STATES:
+                self._fail(record, TIMEOUT, f"timeout in state {record.state}", now, actions)
+
+        self._deadlines.pop_expired(now, expire)
+
+    def _fail(self, record: Any, trigger: str, reason: str, now: float, actions: list[Action], **options: Any) -> None:
+        """Fail a live room with ``trigger`` (a failure trigger of the table) and ``reason``."""
+        record.state = self._machine.fire(record.state, trigger)
+        assert record.state == FAILED
+        record.reason = reason
+        self._deadlines.clear(record.room)
+        self.stats["rooms_failed"] += 1
+        self.stats[f"failed:{trigger}"] += 1
+        self._abandon(record, reason[:REASON_BYTES], now, actions, **options)
+        self.histograms["failure_seconds"].observe(now - record.started)
+        actions.append(RoomFinished(record.room, Poll.Failed, reason, round=self._last_round(record)))
+        self._after_failure(now, actions)
+
+    def _abandon(self, record: Any, reason: str, now: float, actions: list[Action], **options: Any) -> None:
+        raise NotImplementedError
+
+    def _after_failure(self, now: float, actions: list[Action]) -> None:
+        pass
+
+    def _last_round(self, record: Any) -> int:
+        raise NotImplementedError
+
+    # -- retired ids -------------------------------------------------------------------
+    def _retire(self, room: int, peers: tuple[tuple[int, int | None], ...] = ()) -> None:
+        self._retired[room] = peers
+        if len(self._retired) > RETIRED_MEMORY:
+            self._retired.popitem(last=False)

@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from embxfer.core import Action, DecodeError, Poll, RoomFinished, Settings
+from embxfer.transports.wakeup import Wakeup
 
 log = logging.getLogger("embxfer")
 
@@ -42,9 +43,7 @@ class _Runtime:
         self.counters: Counter[str] = Counter()
         self._outbox: deque[Action] = deque()
         self._loop_calls: deque[Callable[[], None]] = deque()  # socket work only the I/O thread may do
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
+        self._wakeup = Wakeup()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"embxfer-{name}", daemon=True)
 
@@ -52,18 +51,14 @@ class _Runtime:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        poller.register(self._wake_read, zmq.POLLIN)
+        poller.register(self._wakeup.read_fd, zmq.POLLIN)
         while not self._stopping:
             with self.lock:
                 deadline = self.endpoint.next_deadline()
             timeout = None if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000.0)
             events = dict(poller.poll(timeout))
-            if self._wake_read in events:
-                try:
-                    while os.read(self._wake_read, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
+            if self._wakeup.read_fd in events:
+                self._wakeup.drain()
             with self.lock:
                 if self._stopping:
                     break
@@ -118,10 +113,7 @@ class _Runtime:
             self.counters["control_send_dropped"] += 1
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_write, b"\0")
-        except BlockingIOError:
-            pass  # a wake-up is already pending
+        self._wakeup.wake()
 
     def _hand_over(self, actions: Iterable[Action]) -> None:
         """From a user thread (lock held): queue actions for the I/O thread."""
@@ -192,8 +184,7 @@ class _Runtime:
             self._thread.join(timeout=5)
         self.socket.close(linger=200)
         self.context.term()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        self._wakeup.close()
         return aborted
 
     def _close_endpoint(self) -> None:

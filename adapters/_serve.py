@@ -11,30 +11,13 @@ import time
 from collections import Counter
 from typing import Any
 
-from embxfer.core import Poll, Settings
+from embxfer.core import Poll
 from embxfer.transports.mooncake import MooncakeUnavailable
 
 from ._encode import EncodeServer
 from ._language import LanguageClient
+from .settings_flags import add_settings_flags, settings_from  # noqa: F401  (add_settings_flags: re-exported)
 from .workload import room_data
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, *, pool_blocks: int = 64) -> None:
-    group = parser.add_argument_group("protocol settings (must agree on both sides)")
-    group.add_argument("--block-size", type=int, default=None)
-    group.add_argument("--default-blocks", type=int, default=None)
-    group.add_argument("--pool-blocks", type=int, default=pool_blocks)
-    group.add_argument("--hidden-size", type=int, default=256)
-    group.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    group.add_argument("--data-plane", default=None, choices=["mooncake", "zmq"],
-                       help="how rows travel: mooncake (default; TCP or RDMA) or zmq (zero-copy ZeroMQ frames, "
-                            "no Mooncake needed); EMBXFER_DATA_PLANE sets the default")
-
-
-def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
-    chosen = (("block_size", args.block_size), ("default_blocks", args.default_blocks), ("data_plane", args.data_plane))
-    overrides = {k: v for k, v in chosen if v is not None}
-    return Settings.from_env(pool_blocks=args.pool_blocks, hidden_size=args.hidden_size, dtype=args.dtype, **overrides, **extra)
 
 
 def _counters(stats: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +106,7 @@ def serve_encode(args: argparse.Namespace) -> int:
 def serve_language(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     stop = _Stop()
+    print(f"embxfer serve-language: registering with {args.bootstrap_addr} (rank {args.rank})", file=sys.stderr, flush=True)
     try:
         client = LanguageClient(settings, args.bootstrap_addr, rank=args.rank,
                                 required_dst_info_num=args.required_dst_info_num, protocol=args.protocol,

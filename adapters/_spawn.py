@@ -12,11 +12,7 @@ from typing import Any
 from embxfer.core import Settings
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeUnavailable
 
-
-def _settings_args(settings: Settings) -> list[str]:
-    return ["--block-size", str(settings.block_size), "--default-blocks", str(settings.default_blocks),
-            "--pool-blocks", str(settings.pool_blocks), "--hidden-size", str(settings.hidden_size),
-            "--dtype", settings.dtype, "--data-plane", settings.data_plane]
+from .settings_flags import settings_args
 
 
 def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receivers: int, seed: int,
@@ -33,7 +29,7 @@ def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receive
     extra = ["--verbose"] if verbose else []
     encode = subprocess.Popen(
         [*cli, "serve-encode", "--bootstrap-port", "0", "--synthetic-seed", str(seed), "--json", "--no-progress",
-         *_settings_args(settings), *extra],
+         *settings_args(settings), *extra],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -46,7 +42,7 @@ def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receive
             subprocess.Popen(
                 [*cli, "serve-language", "--bootstrap-addr", addr, "--requests", str(rooms), "--verify",
                  "--synthetic-seed", str(seed), "--in-flight", str(in_flight), "--rank", str(rank),
-                 "--required-dst-info-num", str(receivers), "--json", "--no-progress", *_settings_args(settings), *extra],
+                 "--required-dst-info-num", str(receivers), "--json", "--no-progress", *settings_args(settings), *extra],
                 stdout=subprocess.PIPE, text=True,
             )
             for rank in range(receivers)

@@ -121,7 +121,10 @@ class Endpoint:
 
     def _forget_record(self, record: Any) -> None:
         del self.rooms[record.room]
-        self._retire(record.room)
+        retired = self._retired
+        retired[record.room] = ()
+        if len(retired) > RETIRED_MEMORY:
+            retired.popitem(last=False)
 
     # -- stepping rooms ----------------------------------------------------------------
     def _step(self, record: Any, trigger: str, now: float, actions: list[Action]) -> bool:

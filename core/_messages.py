@@ -102,6 +102,16 @@ def check_capacity(allocated_tokens: int, extents: tuple[tuple[int, int], ...], 
         )
 
 
+def _check_destination(rank: int, required_dst_info_num: int, block_size: int) -> None:
+    """What a receiver rank says of itself in Register and Init."""
+    if required_dst_info_num < 1:
+        raise InvalidField("required_dst_info_num", "must be positive")
+    if rank >= required_dst_info_num:
+        raise InvalidField("rank", f"rank {rank} is not below required_dst_info_num {required_dst_info_num}")
+    if block_size < 1:
+        raise InvalidField("block_size", "must be positive")
+
+
 @attrs.frozen
 class Register:
     rank: int = attrs.field(validator=U32)
@@ -115,12 +125,7 @@ class Register:
     data_plane: str = attrs.field(validator=_text)
 
     def __attrs_post_init__(self) -> None:
-        if self.required_dst_info_num < 1:
-            raise InvalidField("required_dst_info_num", "must be positive")
-        if self.rank >= self.required_dst_info_num:
-            raise InvalidField("rank", f"rank {self.rank} is not below required_dst_info_num {self.required_dst_info_num}")
-        if self.block_size < 1:
-            raise InvalidField("block_size", "must be positive")
+        _check_destination(self.rank, self.required_dst_info_num, self.block_size)
         if self.hidden_size < 1:
             raise InvalidField("hidden_size", "must be positive")
         if self.dtype not in DTYPE_CODES:
@@ -140,12 +145,7 @@ class Init:
     sent_tokens = 0
 
     def __attrs_post_init__(self) -> None:
-        if self.required_dst_info_num < 1:
-            raise InvalidField("required_dst_info_num", "must be positive")
-        if self.rank >= self.required_dst_info_num:
-            raise InvalidField("rank", f"rank {self.rank} is not below required_dst_info_num {self.required_dst_info_num}")
-        if self.block_size < 1:
-            raise InvalidField("block_size", "must be positive")
+        _check_destination(self.rank, self.required_dst_info_num, self.block_size)
         check_capacity(self.allocated_tokens, self.extents, self.block_size)
 
 

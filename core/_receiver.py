@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from embxfer.specs.tables import (
-    ABORT, BOOTSTRAPPING, FAIL, INIT_SENT, PEER_LOST, RESUME_SENT, ROUND_COMPLETE, ROUND_PARTIAL, TERMINAL_STATES,
+    ABORT, BOOTSTRAPPING, FAIL, INIT_SENT, RESUME_SENT, ROUND_COMPLETE, ROUND_PARTIAL, TERMINAL_STATES,
     TRANSFERRING,
 )
 
@@ -25,8 +25,9 @@ from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage, Writ
 from ._allocator import Allocation, Allocator, slot_runs
 from ._endpoint import Endpoint, check_room
 from ._errors import LocalProtocolError
-from ._messages import Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, PoolLayout, Register, Registered, Resume, Status
+from ._messages import U64_MAX, Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Registered, Resume, Status
 from ._prealloc import prealloc_policy
+from ._receiver_peer import SenderLink
 from ._settings import Settings
 from ._timers import Deadlines
 
@@ -62,7 +63,7 @@ class _ReceiverRoom:
         return self.aux.total_tokens if self.aux is not None else None
 
 
-class Receiver(Endpoint):
+class Receiver(SenderLink, Endpoint):
     role = "receiver"
 
     def __init__(self, settings: Settings, *, rank: int = 0, required_dst_info_num: int = 1, incarnation: int = 1) -> None:
@@ -151,20 +152,6 @@ class Receiver(Endpoint):
             return f"aux block {write.aux_block} is not room {write.room}'s ({aux_block}) in round {write.round}"
         return None
 
-    def register_message(self, endpoint: str = "", session_id: str = "") -> Register:
-        s = self.settings
-        self._registration = Register(
-            self.rank, self.required_dst_info_num, self.incarnation, s.block_size, s.hidden_size, s.dtype, endpoint,
-            session_id, s.data_plane,
-        )
-        return self._registration
-
-    def pool_layout_message(self, pool_slots: int, embeddings_addr: int = 0, fill_ids_addr: int = 0,
-                            mrope_addr: int = 0, aux_addr: int = 0) -> PoolLayout:
-        """Where this rank's pool lives, for a data plane that writes it remotely (sent after
-        every ``register_message``)."""
-        return PoolLayout(self.rank, pool_slots, embeddings_addr, fill_ids_addr, mrope_addr, aux_addr)
-
     def aux_block(self, room: int) -> int:
         """The block whose aux record holds ``room``'s header (the round-0 allocation's first)."""
         record = self.rooms.get(room)
@@ -173,41 +160,10 @@ class Receiver(Endpoint):
         return record.allocation.extents[0][0]
 
     # -- inputs ------------------------------------------------------------------------
-    def _on_registered(self, message: Registered, now: float) -> list[Action]:
-        """The sender answered our registration.  Refused: say why (``refusal``); no room
-        can start.  Accepted: rooms may send their inits."""
-        if not message.accepted:
-            self.refusal = message.reason or "registration refused"
-            self.stats["registrations_refused"] += 1
-            return []
-        self.refusal = None
-        self.peer_session = message.session_id
-        return self._connected(now, message.incarnation)
-
-    def _connected(self, now: float, incarnation: int | None) -> list[Action]:
-        """The sender is resolved: rooms may send their inits.
-
-        A different ``incarnation`` than before means the sender we knew is gone (a new
-        process owns its address): rooms it knew fail at once, and its quarantined blocks
-        are free, since nothing of the old process can write them any more."""
-        actions: list[Action] = []
-        if incarnation is not None and self.peer_incarnation is not None and incarnation != self.peer_incarnation:
-            self.stats["peers_restarted"] += 1
-            self._peer_lost(
-                now, f"encode peer restarted (incarnation {self.peer_incarnation} -> {incarnation})", actions,
-                restarted=True,
-            )
-        if incarnation is not None:
-            self.peer_incarnation = incarnation
-        self.peer_ready = True
-        self._next_registration = None
-        self._liveness.register(0, incarnation, now)
-        self._serve_waiting(now, actions)
-        return actions
-
     def init(self, room: int, now: float) -> list[Action]:
         """Start receiving ``room``: allocate the default guess (or wait for it) and send init."""
-        check_room(room)
+        if type(room) is not int or not 0 <= room <= U64_MAX:
+            check_room(room)  # the typed error; inlined test: this is the hot path
         if room in self.rooms or room in self._retired:
             raise LocalProtocolError(f"room {room} was already initialised", field="room")
         record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout, started=now)
@@ -232,13 +188,7 @@ class Receiver(Endpoint):
         if isinstance(message, AbortAck):
             return self._on_abort_ack(message, now)
         if isinstance(message, Heartbeat):
-            if self.peer_incarnation is None and self.peer_ready:
-                self.peer_incarnation = message.incarnation  # a link that skipped Registered
-            if message.incarnation != self.peer_incarnation or message.rank != self.rank:
-                self.stats["stale_heartbeats"] += 1  # from a sender we no longer talk to
-                return []
-            self.stats["heartbeats_received"] += 1
-            self._liveness.heard(0, now)
+            self._on_heartbeat(message, now)
             return []
         self.stats["stray_dropped"] += 1
         return []
@@ -254,16 +204,7 @@ class Receiver(Endpoint):
                 self.allocator.free(held.allocation)
 
         self._quarantine_deadlines.pop_expired(now, release)
-        if self.peer_ready:
-            for _, sequence in self._liveness.heartbeats_due(now):
-                actions.append(SendMessage(Heartbeat(self.rank, self.incarnation, sequence)))
-            for _, silent in self._liveness.newly_silent(now):
-                self.stats["peers_lost"] += 1
-                self._peer_lost(now, f"encode peer silent for {silent:.3g} s (peer dead)", actions)
-        if self._next_registration is not None and self._next_registration <= now and self._registration is not None:
-            # ask again until a sender answers: the old one after a partition, or its successor
-            actions.append(SendMessage(self._registration))
-            self._next_registration = now + self.settings.heartbeat_interval
+        self._tick_peer(now, actions)
         self._serve_waiting(now, actions)
         return actions
 
@@ -298,6 +239,8 @@ class Receiver(Endpoint):
                 now, actions,
             )
             return actions
+        stats = self.stats
+        capacity = allocation.capacity_tokens
         if message.round == 0:
             problem = f"unreadable aux header: {aux_error}" if aux_error else self._check_aux(record.room, aux)
             if problem:
@@ -307,10 +250,10 @@ class Receiver(Endpoint):
             record.aux = aux
             self.prealloc.observe(aux.total_tokens)
             # how good the first guess was: slots handed out and left unused
-            self.stats["round0_slots_allocated"] += allocation.capacity_tokens
-            self.stats["round0_slots_unused"] += max(0, allocation.capacity_tokens - aux.total_tokens)
+            stats["round0_slots_allocated"] += capacity
+            stats["round0_slots_unused"] += max(0, capacity - aux.total_tokens)
         assert record.aux is not None
-        expected = min(record.aux.total_tokens - record.sent_tokens, allocation.capacity_tokens)
+        expected = min(record.aux.total_tokens - record.sent_tokens, capacity)
         if message.written_tokens != expected:
             self._fail(
                 record, FAIL,
@@ -323,7 +266,7 @@ class Receiver(Endpoint):
         record.requested = False
         record.sent_tokens += expected
         record.rounds += 1
-        self.stats["rows_received"] += expected
+        stats["rows_received"] += expected
         remaining = record.aux.total_tokens - record.sent_tokens
         # pipelined when the rest fits in blocks free already (the round is then no smaller
         # than after freeing these): the resume goes out first and the sender writes the
@@ -333,16 +276,17 @@ class Receiver(Endpoint):
         if pipelined and self._step(record, ROUND_PARTIAL, now, actions):
             record.round += 1
             self._grant_resume(record, now, actions)
-            self.stats["resumes_pipelined"] += 1
+            stats["resumes_pipelined"] += 1
         actions.append(collect)
         self.allocator.free(allocation)
         if not remaining:
             if self._step(record, ROUND_COMPLETE, now, actions):
-                self.stats["rooms_succeeded"] += 1
-                self.stats[f"resume_rounds:{record.rounds - 1}"] += 1
-                self.histograms["transfer_seconds"].observe(now - record.started)
-                self.histograms["resume_rounds"].observe(record.rounds - 1)
-                self.histograms["room_tokens"].observe(record.aux.total_tokens)
+                stats["rooms_succeeded"] += 1
+                stats[f"resume_rounds:{record.rounds - 1}"] += 1
+                histograms = self.histograms
+                histograms["transfer_seconds"].observe(now - record.started)
+                histograms["resume_rounds"].observe(record.rounds - 1)
+                histograms["room_tokens"].observe(record.aux.total_tokens)
                 actions.append(RoomFinished(record.room, Poll.Success, round=record.round))
         elif not pipelined and self._step(record, ROUND_PARTIAL, now, actions):
             record.round += 1
@@ -384,23 +328,6 @@ class Receiver(Endpoint):
         return actions
 
     # -- helpers -----------------------------------------------------------------------
-    def _peer_lost(self, now: float, reason: str, actions: list[Action], *, restarted: bool = False) -> None:
-        """Fail every room the sender knows.  Rooms still waiting for their first blocks
-        have told it nothing: they wait for the sender to come back (bounded by their own
-        timeout).  A silent sender may still write: its rooms' blocks stay quarantined.  A
-        restarted one cannot: every quarantined block is free."""
-        if not restarted:
-            self.peer_ready = False  # no init goes out until a sender answers again
-        for record in list(self.rooms.values()):
-            if record.state not in TERMINAL_STATES and record.told_sender:
-                self._fail(record, PEER_LOST, reason, now, actions, sender_quiet=restarted)
-        if restarted:
-            released = self.release_quarantine()
-            self.stats["quarantine_released_restart"] += released
-        else:
-            self._liveness.forget(0)
-            self._next_registration = now
-
     def _serve_waiting(self, now: float, actions: list[Action]) -> None:
         """Hand free blocks to waiting rooms: rooms between rounds first, then inits FCFS."""
         if not self.peer_ready:

@@ -8,21 +8,23 @@ the receiver may reuse the blocks the moment it hears from us.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import attrs
 
 from embxfer.specs.tables import (
-    ABORT, DATA_READY, DESTINATIONS_KNOWN, FAIL, FAILED, INIT_RECEIVED, PEER_LOST, RESUME_RECEIVED, ROWS_COMPLETE,
+    ABORT, DATA_READY, DESTINATIONS_KNOWN, FAIL, FAILED, INIT_RECEIVED, RESUME_RECEIVED, ROWS_COMPLETE,
     ROWS_PARTIAL, SUCCESS, TERMINAL_STATES, WAITING_FOR_INPUT,
 )
 
 from ._actions import Action, Poll, ReleaseSource, RoomFinished, SendMessage, WriteRows
 from ._allocator import slot_runs
-from ._endpoint import REASON_BYTES, Endpoint, check_room
+from ._endpoint import REASON_BYTES, RETIRED_MEMORY, Endpoint, check_room
+from ._sender_peers import ReceiverRanks
 from ._errors import LocalProtocolError, RoomFailedError
 from ._messages import (
-    Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, PoolLayout, Register, Registered, Resume, Status,
+    U64_MAX, Abort, AbortAck, AuxHeader, Heartbeat, Init, InvalidField, Message, PoolLayout, Register, Resume, Status,
     check_capacity,
 )
 from ._settings import Settings
@@ -40,6 +42,7 @@ class _Destination:
     owes_ack: bool = False  # its abort arrived while a write was in flight
     owes_abort: str | None = None  # our abort, held back until its write completes
     incarnation: int | None = None  # of the receiver process that sent the init
+    init: Init | None = None  # the init that opened it: a copy arriving later is a duplicate
 
 
 @attrs.define(slots=True)
@@ -57,7 +60,7 @@ class _SenderRoom:
     source_held: bool = True  # the I/O layer still holds the rows (released once, never early)
 
 
-class Sender(Endpoint):
+class Sender(ReceiverRanks, Endpoint):
     role = "sender"
 
     def __init__(self, settings: Settings, *, incarnation: int = 1, session_id: str = "") -> None:
@@ -67,32 +70,25 @@ class Sender(Endpoint):
         self.peers: dict[int, Register] = {}
         self.rejected_peers: dict[int, str] = {}
         self._layouts: dict[int, PoolLayout] = {}
+        # rooms aborted here before any receiver asked for them, with the reason their
+        # late init is answered with (bounded like every tombstone)
+        self._early_aborts: OrderedDict[int, str] = OrderedDict()
 
     # -- queries -----------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._deadlines.next_deadline(), self._liveness.next_deadline()) if d is not None]
         return min(deadlines) if deadlines else None
 
-    def peer_alive(self, rank: int) -> bool:
-        """``rank`` registered and has not gone silent past the heartbeat limit."""
-        return self._liveness.is_alive(rank)
-
-    def pool_layout(self, rank: int) -> PoolLayout | None:
-        """Where ``rank``'s pool lives, as its registered socket announced (None before)."""
-        return self._layouts.get(rank)
-
     def has_data(self, room: int) -> bool:
         """``send`` was called for the room (its embedding is known here)."""
         record = self.rooms.get(room)
         return record is not None and record.aux is not None
 
-    def _gauges(self) -> dict[str, int]:
-        return {"peers_alive": sum(1 for rank in self.peers if self._liveness.is_alive(rank))}
-
     # -- inputs ------------------------------------------------------------------------
     def send(self, room: int, total_tokens: int, mrope_position_delta: int, now: float) -> list[Action]:
         """The embedding of ``room`` is ready: ``total_tokens`` rows (the I/O layer holds them)."""
-        check_room(room)
+        if type(room) is not int or not 0 <= room <= U64_MAX:
+            check_room(room)  # the typed error; inlined test: this is the hot path
         try:
             aux = AuxHeader(room, total_tokens, mrope_position_delta, self.settings.hidden_size, self.settings.dtype)
         except InvalidField as error:
@@ -122,15 +118,12 @@ class Sender(Endpoint):
         """A control message from a receiver rank."""
         if isinstance(message, Register):
             return self._on_register(message, now)
-        if isinstance(message, Heartbeat) and self._liveness.incarnation(message.rank) != message.incarnation:
-            self.stats["stale_heartbeats"] += 1  # from an incarnation we no longer serve
+        if isinstance(message, Heartbeat):
+            self._on_heartbeat(message, now)
             return []
-        rank = getattr(message, "rank", None)
+        rank = getattr(message, "rank", None)  # any message is a sign of life
         if rank is not None and self._liveness.heard(rank, now):
             self.stats["peers_revived"] += 1
-        if isinstance(message, Heartbeat):
-            self.stats["heartbeats_received"] += 1
-            return []
         if isinstance(message, Init):
             return self._on_init(message, now)
         if isinstance(message, Resume):
@@ -141,10 +134,7 @@ class Sender(Endpoint):
             self.stats["abort_acks_received"] += 1
             return []
         if isinstance(message, PoolLayout):
-            if message.rank in self.peers:
-                self._layouts[message.rank] = message
-            else:
-                self.stats["unregistered_dropped"] += 1  # a pool of a rank we did not accept
+            self._on_pool_layout(message)
             return []
         self.stats["stray_dropped"] += 1
         return []
@@ -186,60 +176,28 @@ class Sender(Endpoint):
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
         self._expire_rooms(now, actions)
-        for rank, sequence in self._liveness.heartbeats_due(now):
-            actions.append(SendMessage(Heartbeat(rank, self.incarnation, sequence), rank))
-        for rank, silent in self._liveness.newly_silent(now):
-            self.stats["peers_lost"] += 1
-            self._peer_lost(rank, f"receiver rank {rank} silent for {silent:.3g} s (peer dead)", now, actions)
+        self._tick_peers(now, actions)
         return actions
+
+    def abort(self, room: int, now: float, reason: str | None = None) -> list[Action]:
+        """End ``room`` from this side.  A room no receiver has asked for yet leaves a
+        tombstone: its init, whenever it comes, is answered with this abort, and a later
+        ``send`` is dropped -- an abort is final whatever the order of arrival."""
+        check_room(room)
+        if self._lookup(room) is None and not self._is_retired(room):
+            self._retire(room)
+            self._early_aborts[room] = reason or "aborted by sender"
+            if len(self._early_aborts) > RETIRED_MEMORY:
+                self._early_aborts.popitem(last=False)
+            self.stats["aborted_before_init"] += 1
+            return []
+        return super().abort(room, now, reason)
 
     def _forget_record(self, record: Any) -> None:
         record.forget_requested = True
         self._maybe_retire(record)
 
     # -- message handlers --------------------------------------------------------------
-    def _on_register(self, message: Register, now: float) -> list[Action]:
-        """Accept or refuse a receiver rank, and answer it (``Registered``) either way."""
-        actions: list[Action] = []
-        replaced = self._liveness.register(message.rank, message.incarnation, now)
-        if replaced is not None:
-            # the old process is gone: its rooms fail without a word to the new one, which
-            # may reuse their room ids for rooms of its own
-            self.stats["peers_restarted"] += 1
-            self._peer_lost(
-                message.rank, f"receiver rank {message.rank} restarted (incarnation {replaced} -> {message.incarnation})",
-                now, actions, restarted=True,
-            )
-        s = self.settings
-        problems = [
-            f"encode side has {name} {ours}, language side {theirs}"
-            for name, ours, theirs in (
-                ("block_size", s.block_size, message.block_size), ("hidden_size", s.hidden_size, message.hidden_size),
-                ("dtype", s.dtype, message.dtype), ("data_plane", s.data_plane, message.data_plane),
-            )
-            if ours != theirs
-        ]
-        reason = "configuration mismatch: " + "; ".join(problems) if problems else ""
-        if problems:
-            self.rejected_peers[message.rank] = reason
-            self.peers.pop(message.rank, None)
-            self._layouts.pop(message.rank, None)
-            self.stats["registrations_rejected"] += 1
-        else:
-            self.rejected_peers.pop(message.rank, None)
-            self.peers[message.rank] = message
-            self.stats["registrations"] += 1
-        reply = Registered(self.incarnation, 0 if problems else 1, self.session_id, reason[:REASON_BYTES])
-        actions.append(SendMessage(reply, message.rank))
-        return actions
-
-    def _peer_lost(self, rank: int, reason: str, now: float, actions: list[Action], *, restarted: bool = False) -> None:
-        """Fail every live room that involves ``rank``.  A silent peer may come back and still
-        hears our abort; a restarted one must not (its new rooms may reuse the ids)."""
-        for record in list(self.rooms.values()):
-            if record.state not in TERMINAL_STATES and rank in record.destinations:
-                self._fail(record, PEER_LOST, reason, now, actions, quiet_rank=rank if restarted else None)
-
     def _on_init(self, message: Init, now: float) -> list[Action]:
         actions: list[Action] = []
         record = self._lookup(message.room)
@@ -249,14 +207,15 @@ class Sender(Endpoint):
             if (record is None or record.state == FAILED) and not (dest is not None and dest.writing):
                 # tell the receiver now rather than let it wait for its own timeout (but never
                 # while a write to it is in flight: that abort goes out once the write lands)
-                reason = record.reason if record is not None else "room already finished on the sender"
+                reason = record.reason if record is not None else self._early_aborts.get(
+                    message.room, "room already finished on the sender")
                 actions.append(SendMessage(Abort(message.room, message.rank, reason[:REASON_BYTES]), message.rank))
             return actions
         if record is None:
             record = self._open(message.room, now)
         known = record.destinations.get(message.rank)
         if known is not None:
-            if known.round == 0 and known.request == message or known.round > 0 or known.writing or known.done:
+            if message == known.init:  # the network's copy, at whatever stage the room is
                 self.stats["duplicate_dropped"] += 1
                 return actions
             self._fail(record, FAIL, f"rank {message.rank} sent a different init for room {message.room}", now, actions)
@@ -283,6 +242,7 @@ class Sender(Endpoint):
             return actions
         record.destinations[message.rank] = _Destination(
             message.rank, message.block_size, request=message, incarnation=self._liveness.incarnation(message.rank),
+            init=message,
         )
         trigger = DESTINATIONS_KNOWN if len(record.destinations) == record.required else INIT_RECEIVED
         if not self._step(record, trigger, now, actions):
@@ -399,7 +359,7 @@ class Sender(Endpoint):
             self.histograms["resume_rounds"].observe(dest.round)
         self.histograms["room_tokens"].observe(record.aux.total_tokens)
         self._release_source_when_idle(record, actions)
-        actions.append(RoomFinished(record.room, Poll.Success, round=self._last_round(record)))
+        actions.append(RoomFinished(record.room, Poll.Success, round=max(d.round for d in record.destinations.values())))
 
     def _release_source_when_idle(self, record: _SenderRoom, actions: list[Action]) -> None:
         """Release the source rows once, and only when no write still reads them."""
@@ -415,29 +375,6 @@ class Sender(Endpoint):
         if dest.owes_abort is not None:
             actions.append(SendMessage(Abort(record.room, dest.rank, dest.owes_abort), dest.rank))
             dest.owes_abort = None
-
-    def _is_retired(self, room: int) -> bool:
-        """``room`` finished here, for a peer that is still the same process."""
-        peers = self._retired.get(room)
-        if peers is None:
-            return False
-        if peers and all(self._liveness.incarnation(rank) != incarnation for rank, incarnation in peers):
-            del self._retired[room]  # every peer it involved has restarted since
-            return False
-        return True
-
-    def _lookup(self, room: int) -> _SenderRoom | None:
-        """The room's record, unless it is a finished room of receivers that have all
-        restarted since: their new processes may reuse its id for a room of their own."""
-        record = self.rooms.get(room)
-        if (
-            record is not None and record.state in TERMINAL_STATES and record.destinations
-            and not record.source_held
-            and all(self._liveness.incarnation(d.rank) != d.incarnation for d in record.destinations.values())
-        ):
-            del self.rooms[room]
-            return None
-        return record
 
     def _maybe_retire(self, record: _SenderRoom) -> None:
         if not record.forget_requested:

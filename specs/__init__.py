@@ -1,15 +1,8 @@
 """embxfer.specs — the formal specification: transition tables, message schemas and
-invariants as executable predicates.  The hypothesis stateful model and the diagram
-generator live beside them and are imported on use (they pull in torch / transitions)."""
+invariants as executable predicates.  The diagram generator and the exhaustive checker
+live beside them and are imported on use.  specs/ is the ground floor: it imports
+embxfer.core and nothing above it."""
 
 from . import invariants, schemas, tables
 
-__all__ = ["invariants", "schemas", "tables", "LoopbackModel", "run_model"]
-
-
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
-    if name in ("LoopbackModel", "run_model"):
-        from embxfer.adapters import testing
-
-        return getattr(testing, name)
-    raise AttributeError(name)
+__all__ = ["invariants", "schemas", "tables"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from embxfer.adapters._bench_report import Row, rounded
+from embxfer.adapters.bench.report import Row, rounded
 from embxfer.adapters.bench import CASES
 from embxfer.adapters.cli import main
 

@@ -1,20 +1,17 @@
-"""Behaviour over the loopback link: rounds, fan-out, pool pressure, timeouts, aborts,
-quarantine, stray and malformed input.  Every test checks rows and blocks, not just states."""
+"""Behaviour over the loopback link: rounds, fan-out, pool pressure, aborts, quarantine,
+stray and malformed input.  Every test checks rows and blocks, not just states.
 
-import attrs
+Timeouts are in test_loopback_timeouts.py, local misuse of the facade in
+test_loopback_validation.py."""
+
 import pytest
 import torch
 
-from embxfer.adapters import EmbeddingData, Poll, connect_loopback
-from embxfer.core import Abort, LocalProtocolError, Settings, Status, encode
-from embxfer.specs import invariants
+from embxfer.adapters import Poll, connect_loopback
+from embxfer.core import Abort, Settings, Status, encode
 
 from helpers import SMALL, all_free, control, resume_rounds, rows, transfer
-
-TIMED = Settings(
-    block_size=4, default_blocks=2, pool_blocks=6, hidden_size=8, dtype="float32",
-    bootstrap_timeout=5.0, waiting_timeout=7.0, transfer_timeout=9.0, quarantine_timeout=11.0,
-)
+from loopback_support import TIMED
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -101,111 +98,6 @@ def test_aux_header_from_round_zero_is_kept_for_later_rounds():
     assert int(rx.buffers.aux.abs().sum()) == 0
 
 
-# -- timeouts -------------------------------------------------------------------------
-def test_receiver_bootstrap_timeout_when_no_blocks_ever_come():
-    settings = Settings(block_size=4, default_blocks=2, pool_blocks=2, hidden_size=8, dtype="float32", bootstrap_timeout=5.0)
-    link = connect_loopback(settings)
-    rx = link.receivers[0]
-    rx.init(1)
-    rx.init(2)
-    link.run_until_idle()
-    link.advance(4.9)
-    assert rx.poll(2) == Poll.Bootstrapping
-    link.advance(0.2)
-    assert rx.poll(2) == Poll.Failed and rx.failure(2) == "timeout in state Bootstrapping"
-
-
-def test_receiver_waiting_timeout_quarantines_then_frees_on_sender_ack():
-    link = connect_loopback(TIMED)
-    rx = link.receivers[0]
-    rx.init(1)
-    link.run_until_idle()
-    assert link.sender.poll(1) == Poll.WaitingForInput
-    link.advance(7.5)
-    assert rx.poll(1) == Poll.Failed and rx.failure(1) == "timeout in state WaitingForInput"
-    assert rx.endpoint.quarantined_blocks == 2
-    link.run_until_idle()  # the abort reaches the sender, which acknowledges
-    assert link.sender.poll(1) == Poll.Failed and "timeout in state WaitingForInput" in link.sender.failure(1)
-    assert rx.endpoint.quarantined_blocks == 0 and all_free(link)
-
-
-def test_receiver_transfer_timeout_when_a_round_never_arrives():
-    link = connect_loopback(TIMED)
-    rx = link.receivers[0]
-    rx.init(1)
-    link.sender.send(1, rows(20, TIMED))
-    link.run_until_idle()
-    assert rx.poll(1) == Poll.Success
-    rx.init(2)
-    link.sender.send(2, rows(40, TIMED, 2))
-    # deliver until round 1's Status is the next message for the receiver, then lose it
-    while True:
-        statuses = [i for i in control(link, "Status", rx.name)]
-        if statuses and link.network.pending[statuses[0]].frames and _round(link, statuses[0]) == 1:
-            link.network.drop(statuses[0])
-            break
-        link.network.deliver(0)
-    link.run_until_idle()
-    assert rx.poll(2) == Poll.Transferring
-    link.advance(9.5)
-    assert rx.poll(2) == Poll.Failed and rx.failure(2) == "timeout in state Transferring"
-    link.run_until_idle()
-    link.advance(20)
-    assert all_free(link)
-
-
-def _round(link, index):
-    from embxfer.core import decode
-
-    return decode(link.network.pending[index].frames).round
-
-
-def test_sender_timeouts_in_bootstrapping_and_waiting():
-    link = connect_loopback(TIMED, receivers=2)
-    link.receivers[0].init(1)  # rank 1 never inits room 1
-    link.receivers[0].init(2)
-    link.receivers[1].init(2)  # room 2: both ranks, but no data ever
-    link.run_until_idle()
-    assert link.sender.poll(1) == Poll.Bootstrapping and link.sender.poll(2) == Poll.WaitingForInput
-    link.advance(5.5)
-    assert link.sender.failure(1) == "timeout in state Bootstrapping"
-    link.run_until_idle()
-    # rank 0 hears about it at once instead of waiting for its own timeout
-    assert link.receivers[0].poll(1) == Poll.Failed
-    assert "aborted by sender: timeout in state Bootstrapping" == link.receivers[0].failure(1)
-    link.advance(1.6)
-    assert link.sender.failure(2) == "timeout in state WaitingForInput"
-    link.run_until_idle()
-    assert all(rx.poll(2) == Poll.Failed for rx in link.receivers)
-    assert all_free(link)
-
-
-def test_sender_transfer_timeout_when_resume_never_comes():
-    link = connect_loopback(TIMED)
-    rx = link.receivers[0]
-    rx.init(1)
-    link.sender.send(1, rows(30, TIMED))
-    while not control(link, "Resume"):
-        link.network.deliver(0)
-    link.network.drop(control(link, "Resume")[0])
-    assert link.sender.poll(1) == Poll.Transferring
-    link.advance(9.5)
-    assert link.sender.failure(1) == "timeout in state Transferring"
-    link.run_until_idle()
-    assert rx.poll(1) == Poll.Failed
-    link.advance(20)
-    assert all_free(link)
-
-
-def test_next_deadline_is_the_earliest_timer():
-    link = connect_loopback(attrs.evolve(TIMED, heartbeat_interval=100.0))
-    assert link.next_deadline() == pytest.approx(100.0)  # an idle link: only the next heartbeat
-    link.receivers[0].init(1)
-    assert link.next_deadline() == pytest.approx(7.0)  # WaitingForInput on the receiver
-    link.run_until_idle()
-    assert link.sender.endpoint.next_deadline() == pytest.approx(7.0)
-
-
 # -- aborts and quarantine ------------------------------------------------------------
 def test_receiver_abort_while_write_in_flight_keeps_blocks_until_ack():
     """The race behind sglang #24527 / vllm #21570: the abort overtakes a write."""
@@ -283,6 +175,28 @@ def test_crashed_receiver_fails_the_sender_room_and_others_continue():
     link.run_until_idle()
     assert link.sender.poll(1) == Poll.Failed and "is down" in link.sender.failure(1)
     assert link.free_blocks()["sender_sources_held"] == 0
+
+
+def test_abort_that_overtakes_the_init_stops_any_later_write():
+    """Found by the model: the receiver times out, its abort reaches the sender before its
+    init; the sender acks at once, so it must never start the room from the late init."""
+    link = connect_loopback(TIMED)
+    rx = link.receivers[0]
+    rx.init(1)
+    link.advance(7.5)  # WaitingForInput timeout while the init is still in flight
+    assert rx.poll(1) == Poll.Failed and rx.endpoint.quarantined_blocks == 2
+    link.network.deliver(control(link, "Abort")[0])
+    link.network.deliver(control(link, "AbortAck")[0])
+    assert rx.endpoint.quarantined_blocks == 0
+    rx.init(2)  # reuses the freed blocks
+    link.sender.send(1, rows(6, TIMED))
+    link.run_until_idle()
+    assert not link.violations()
+    assert link.sender.endpoint.stats["late_dropped"] >= 1
+    data2 = rows(5, TIMED, 2)
+    link.sender.send(2, data2)
+    link.run_until_idle()
+    assert rx.take(2).same_bytes(data2) and all_free(link)
 
 
 # -- strays, duplicates, garbage -------------------------------------------------------
@@ -368,88 +282,3 @@ def test_registration_with_mismatched_configuration_fails_rooms_with_reason():
     assert "configuration mismatch: encode side has hidden_size 8, language side 16" in rx.failure(1)
     link.advance(100)
     assert all_free(link)
-
-
-# -- facade input validation ----------------------------------------------------------
-def test_bad_embedding_data_names_the_field():
-    n = 4
-    good = dict(embeddings=torch.zeros(n, 8), fill_ids=torch.zeros(n, dtype=torch.int64),
-                mrope_positions=torch.zeros(3, n, dtype=torch.int64))
-    for field, bad in [("embeddings", torch.zeros(n)), ("fill_ids", torch.zeros(n, dtype=torch.int32)),
-                       ("mrope_positions", torch.zeros(n, 3, dtype=torch.int64)), ("embeddings", "nope")]:
-        with pytest.raises(LocalProtocolError) as err:
-            EmbeddingData(**{**good, field: bad})
-        assert err.value.field == field
-    link = connect_loopback(SMALL)
-    with pytest.raises(LocalProtocolError) as err:
-        link.sender.send(1, EmbeddingData(torch.zeros(n, 9), good["fill_ids"], good["mrope_positions"]))
-    assert err.value.field == "embeddings" and "hidden size" in str(err.value)
-    with pytest.raises(LocalProtocolError) as err:
-        link.sender.send(1, EmbeddingData(torch.zeros(n, 8, dtype=torch.float16), good["fill_ids"], good["mrope_positions"]))
-    assert "dtype" in str(err.value)
-    # nothing was kept for the rejected sends; the link still works
-    data = rows(5)
-    link.receivers[0].init(1)
-    link.sender.send(1, data)
-    link.run_until_idle()
-    assert link.receivers[0].take(1).same_bytes(data)
-
-
-def test_take_before_success_and_double_init_are_local_errors():
-    link = connect_loopback(SMALL)
-    rx = link.receivers[0]
-    rx.init(1)
-    with pytest.raises(LocalProtocolError, match="WaitingForInput"):
-        rx.take(1)
-    with pytest.raises(LocalProtocolError, match="already"):
-        rx.init(1)
-    with pytest.raises(LocalProtocolError):
-        rx.poll(12345)
-
-
-def test_send_twice_fails_the_room_and_tells_the_receiver():
-    link = connect_loopback(SMALL)
-    rx = link.receivers[0]
-    rx.init(1)
-    link.run_until_idle()
-    with pytest.raises(LocalProtocolError):
-        link.sender.endpoint.send(1, 5, 0, 0.0)
-        link.sender.endpoint.send(1, 5, 0, 0.0)
-    assert link.sender.poll(1) == Poll.Failed
-    assert "data_ready" in link.sender.failure(1)
-
-
-def test_invariant_predicates_detect_real_breakage():
-    link, sent = transfer(SMALL, {1: 10})
-    received = link.receivers[0].take(1)
-    received.embeddings[3, 2] += 1
-    assert invariants.rows_equal(sent[1], received)
-    allocator = link.receivers[0].allocator
-    leaked = allocator.alloc(4)
-    assert invariants.all_freed_once(allocator)
-    allocator.free(leaked)
-    assert not invariants.all_freed_once(allocator)
-    assert invariants.terminal_states_final({1: ["Bootstrapping", "Success", "Transferring"]})
-    assert invariants.all_terminal([(1, "Transferring")])
-
-
-def test_abort_that_overtakes_the_init_stops_any_later_write():
-    """Found by the model: the receiver times out, its abort reaches the sender before its
-    init; the sender acks at once, so it must never start the room from the late init."""
-    link = connect_loopback(TIMED)
-    rx = link.receivers[0]
-    rx.init(1)
-    link.advance(7.5)  # WaitingForInput timeout while the init is still in flight
-    assert rx.poll(1) == Poll.Failed and rx.endpoint.quarantined_blocks == 2
-    link.network.deliver(control(link, "Abort")[0])
-    link.network.deliver(control(link, "AbortAck")[0])
-    assert rx.endpoint.quarantined_blocks == 0
-    rx.init(2)  # reuses the freed blocks
-    link.sender.send(1, rows(6, TIMED))
-    link.run_until_idle()
-    assert not link.violations()
-    assert link.sender.endpoint.stats["late_dropped"] >= 1
-    data2 = rows(5, TIMED, 2)
-    link.sender.send(2, data2)
-    link.run_until_idle()
-    assert rx.take(2).same_bytes(data2) and all_free(link)

@@ -17,6 +17,7 @@ and its peers find it dead after their heartbeat limit.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -133,7 +134,11 @@ class LoopbackNetwork:
 
     def advance(self, seconds: float) -> None:
         """Land every write in flight, then move the clock and let every node see the time
-        (in heartbeat-sized steps, delivering the heartbeats of each step)."""
+        (in heartbeat-sized steps, delivering the heartbeats of each step).  ``seconds`` must
+        be a finite number >= 0: time never runs backwards, and NaN or infinity would never
+        arrive (ValueError, the clock unchanged)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
         while True:
             index = next((i for i, p in enumerate(self.pending) if p.is_data), None)
             if index is None:

@@ -1,20 +1,5 @@
-"""``embxfer bench``: speed as ratios against baselines measured in the same run.
-
-Cases (``--cases``, all by default; one machine, 127.0.0.1):
-
-* ``data-plane``    one room of N MB of embedding rows with R resume rounds through embxfer
-                    (ZeroMQ + Mooncake TCP, and the ZeroMQ data plane when available) vs raw
-                    ``transfer_sync_write``, memcpy and pickled tensors over ZeroMQ REQ/REP;
-* ``loopback``      the loopback transport vs memcpy of the same bytes (16–64 MB);
-* ``core``          µs per room through the sans-I/O core alone vs its wire codec;
-* ``control-plane`` small rooms/s across two processes at 1, 64, 1,024 in flight vs bare ZeroMQ;
-* ``scale``         core state per room and time per event at 10,000 rooms in flight vs 100;
-* ``allocator``     alloc+free pairs/s on a fragmented pool vs a fresh one;
-* ``prealloc``      resumes and pool use of ``prealloc="fixed"`` vs ``"adaptive"``.
-
-It prints a table per case and the targets met or missed; ``--json FILE`` writes every
-figure, baseline, ratio and target; ``--plot FILE`` writes a PNG chart.
-"""
+"""``embxfer bench``: the plans, the case table, the run loop, the progress bar and the
+``bench`` subcommand's flags (the package docstring lists the cases)."""
 
 from __future__ import annotations
 
@@ -30,7 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-from ._bench_report import CaseResult, targets_table
+from .report import CaseResult, targets_table
 
 CASES = ("data-plane", "loopback", "core", "control-plane", "scale", "allocator", "prealloc")
 
@@ -82,32 +67,32 @@ def _case_runner(name: str, plan: Plan) -> tuple[int, Callable[[Step], CaseResul
     """The number of progress steps a case takes, and how to run it."""
     repeat = plan.repeat
     if name == "data-plane":
-        from ._bench_data_plane import data_plane_steps, run_data_plane
+        from .data_plane import data_plane_steps, run_data_plane
 
         return data_plane_steps(plan.sizes, plan.resumes), lambda step: run_data_plane(plan.sizes, plan.resumes, repeat, step)
     if name == "loopback":
-        from ._bench_data_plane import loopback_steps, run_loopback
+        from .data_plane import loopback_steps, run_loopback
 
         return loopback_steps(plan.loopback_sizes), lambda step: run_loopback(plan.loopback_sizes, repeat, step)
     if name == "core":
-        from ._bench_core import core_steps, run_core_overhead
+        from .core import core_steps, run_core_overhead
 
         return core_steps(), lambda step: run_core_overhead(plan.core_rooms, max(3, repeat), step)
     if name == "control-plane":
-        from ._bench_control import control_steps, run_control_plane
+        from .control import control_steps, run_control_plane
 
         return (control_steps(plan.control_levels),
                 lambda step: run_control_plane(plan.control_levels, lambda level: plan.control_rooms.get(level, 1000), step))
     if name == "scale":
-        from ._bench_core import run_scale, scale_steps
+        from .core import run_scale, scale_steps
 
         return scale_steps(plan.scale_rooms), lambda step: run_scale(plan.scale_rooms, plan.scale_cycles, max(3, repeat), step)
     if name == "allocator":
-        from ._bench_allocator import allocator_steps, run_allocator
+        from .allocator import allocator_steps, run_allocator
 
         return allocator_steps(), lambda step: run_allocator(plan.allocator_pairs, max(3, repeat), step)
     if name == "prealloc":
-        from ._bench_prealloc import prealloc_steps, run_prealloc
+        from .prealloc import prealloc_steps, run_prealloc
 
         return prealloc_steps(), lambda step: run_prealloc(plan.prealloc_rooms, plan.prealloc_in_flight, step)
     raise ValueError(f"unknown bench case {name!r}")
@@ -209,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
             json.dump(document, handle, indent=2, ensure_ascii=False)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        from ._bench_plot import PlotUnavailable, write_png
+        from .plot import PlotUnavailable, write_png
 
         try:
             write_png(document, args.plot)

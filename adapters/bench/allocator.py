@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from embxfer.core import Allocation, Allocator, Settings
 
-from ._bench_report import CaseResult, Column, Row
+from .report import CaseResult, Column, Row
 
 Step = Callable[[str], None]
 

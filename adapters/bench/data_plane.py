@@ -24,9 +24,9 @@ import zmq
 from embxfer.core import Poll, Settings
 from embxfer.transports.buffers import EmbeddingData
 
-from ._bench_report import CaseResult, Column, Row
-from ._bench_threads import torch_threads
-from .workload import room_data
+from ..workload import room_data
+from .report import CaseResult, Column, Row
+from .threads import torch_threads
 
 HIDDEN = 1024
 ROW_BYTES = HIDDEN * 2 + 8 + 24  # bf16 row + fill id + 3 mrope positions
@@ -72,7 +72,7 @@ def _zmq_plane_problem(link: Any) -> str:
 def embxfer_seconds(megabytes: int, resumes: int, repeat: int, data_plane: str) -> tuple[float, int]:
     """Median seconds of one room init → Success through ``connect_local``; the resume
     rounds seen.  Raises ``Unavailable`` when the data plane cannot run here."""
-    from ._local import connect_local
+    from .._local import connect_local
 
     tokens = tokens_for(megabytes)
     settings = settings_for(tokens, resumes, data_plane)
@@ -276,7 +276,7 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
 
 def loopback_seconds(megabytes: int, repeat: int) -> float:
     """Median seconds of one room init → take through the loopback link (no resumes)."""
-    from ._loopback import connect_loopback
+    from .._loopback import connect_loopback
 
     tokens = tokens_for(megabytes)
     settings = settings_for(tokens, 0)

@@ -20,9 +20,9 @@ import attrs
 from embxfer.core import Init, Poll, Resume, Settings, decode
 from embxfer.transports.buffers import EmbeddingData
 
-from ._bench_report import CaseResult, Column, Row
-from ._bench_threads import torch_threads
-from .workload import room_data
+from ..workload import room_data
+from .report import CaseResult, Column, Row
+from .threads import torch_threads
 
 Step = Callable[[str], None]
 
@@ -85,7 +85,7 @@ class PolicyRun:
 def run_policy(policy: str, lengths: list[tuple[str, int]], in_flight: int, seed: int) -> PolicyRun:
     """Transfer every room, ``in_flight`` at a time, delivering one packet at a time so every
     allocation (an Init or Resume on its way to the sender) is seen."""
-    from ._loopback import SENDER, connect_loopback
+    from .._loopback import SENDER, connect_loopback
 
     settings = policy_settings(policy)
     link = connect_loopback(settings)

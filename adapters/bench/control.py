@@ -24,8 +24,9 @@ import zmq
 
 from embxfer.core import Poll, Settings
 
-from ._bench_report import CaseResult, Column, Row
-from .workload import room_data
+from ..settings_flags import settings_args
+from ..workload import room_data
+from .report import CaseResult, Column, Row
 
 Step = Callable[[str], None]
 
@@ -61,20 +62,14 @@ def small_rooms(first: int, count: int) -> list[int]:
     return list(range(start, start + 3 * count, 3))
 
 
-def _settings_args(settings: Settings) -> list[str]:
-    return ["--block-size", str(settings.block_size), "--default-blocks", str(settings.default_blocks),
-            "--pool-blocks", str(settings.pool_blocks), "--hidden-size", str(settings.hidden_size),
-            "--dtype", settings.dtype]
-
-
 class EncodeProcess:
-    """``embxfer serve-encode --synthetic-seed`` in a child process."""
+    """``embxfer serve-encode --synthetic-seed`` in a child process, given every field of ``settings``."""
 
     def __init__(self, settings: Settings, seed: int) -> None:
         self.log: IO[str] = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "embxfer.adapters.cli", "serve-encode", "--bootstrap-port", "0",
-             "--synthetic-seed", str(seed), "--json", "--no-progress", *_settings_args(settings)],
+             "--synthetic-seed", str(seed), "--json", "--no-progress", *settings_args(settings)],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
         )
         assert self.process.stdout is not None
@@ -168,7 +163,7 @@ def control_steps(levels: list[int]) -> int:
 
 
 def run_control_plane(levels: list[int], rooms_at: Callable[[int], int], step: Step) -> CaseResult:
-    from ._language import LanguageClient
+    from .._language import LanguageClient
 
     case = CaseResult("control-plane", "Control plane: small rooms (1–4 tokens) across two processes over ZeroMQ",
                       {"rooms_per_s": "rooms/s", "zmq_round_trips_per_s": "round trips/s"}, CONTROL_COLUMNS)

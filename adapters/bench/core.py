@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from embxfer.core import Message, Settings, decode, encode
 
-from ._bench_core_link import CoreLink
-from ._bench_report import CaseResult, Column, Row
+from .core_link import CoreLink
+from .report import CaseResult, Column, Row
 
 Step = Callable[[str], None]
 

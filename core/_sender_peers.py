@@ -1,0 +1,133 @@
+"""The sender's receiver ranks: who registered, whether their configuration agrees with
+ours, where their pools live, whether they are still alive, and which finished room ids
+still count for them (a restarted rank may reuse its old ids).  A mixin of ``Sender``:
+the rooms and their failures are the sender's own."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from embxfer.specs.tables import PEER_LOST, TERMINAL_STATES
+
+from ._actions import Action, SendMessage
+from ._endpoint import REASON_BYTES
+from ._liveness import Liveness
+from ._messages import Heartbeat, PoolLayout, Register, Registered
+from ._settings import Settings
+
+
+class ReceiverRanks:
+    settings: Settings
+    incarnation: int
+    session_id: str
+    rooms: dict[int, Any]
+    stats: Any
+    peers: dict[int, Register]
+    rejected_peers: dict[int, str]
+    _layouts: dict[int, PoolLayout]
+    _liveness: Liveness
+    _retired: Any
+
+    if TYPE_CHECKING:  # provided by Endpoint, which comes after this mixin in Sender's bases
+        def _fail(self, record: Any, trigger: str, reason: str, now: float, actions: list[Action],
+                  **options: Any) -> None: ...
+
+    # -- queries -----------------------------------------------------------------------
+    def peer_alive(self, rank: int) -> bool:
+        """``rank`` registered and has not gone silent past the heartbeat limit."""
+        return self._liveness.is_alive(rank)
+
+    def pool_layout(self, rank: int) -> PoolLayout | None:
+        """Where ``rank``'s pool lives, as its registered socket announced (None before)."""
+        return self._layouts.get(rank)
+
+    def _gauges(self) -> dict[str, int]:
+        return {"peers_alive": sum(1 for rank in self.peers if self._liveness.is_alive(rank))}
+
+    # -- inputs ------------------------------------------------------------------------
+    def _on_register(self, message: Register, now: float) -> list[Action]:
+        """Accept or refuse a receiver rank, and answer it (``Registered``) either way."""
+        actions: list[Action] = []
+        replaced = self._liveness.register(message.rank, message.incarnation, now)
+        if replaced is not None:
+            # the old process is gone: its rooms fail without a word to the new one, which
+            # may reuse their room ids for rooms of its own
+            self.stats["peers_restarted"] += 1
+            self._peer_lost(
+                message.rank, f"receiver rank {message.rank} restarted (incarnation {replaced} -> {message.incarnation})",
+                now, actions, restarted=True,
+            )
+        s = self.settings
+        problems = [
+            f"encode side has {name} {ours}, language side {theirs}"
+            for name, ours, theirs in (
+                ("block_size", s.block_size, message.block_size), ("hidden_size", s.hidden_size, message.hidden_size),
+                ("dtype", s.dtype, message.dtype), ("data_plane", s.data_plane, message.data_plane),
+            )
+            if ours != theirs
+        ]
+        reason = "configuration mismatch: " + "; ".join(problems) if problems else ""
+        if problems:
+            self.rejected_peers[message.rank] = reason
+            self.peers.pop(message.rank, None)
+            self._layouts.pop(message.rank, None)
+            self.stats["registrations_rejected"] += 1
+        else:
+            self.rejected_peers.pop(message.rank, None)
+            self.peers[message.rank] = message
+            self.stats["registrations"] += 1
+        reply = Registered(self.incarnation, 0 if problems else 1, self.session_id, reason[:REASON_BYTES])
+        actions.append(SendMessage(reply, message.rank))
+        return actions
+
+    def _peer_lost(self, rank: int, reason: str, now: float, actions: list[Action], *, restarted: bool = False) -> None:
+        """Fail every live room that involves ``rank``.  A silent peer may come back and still
+        hears our abort; a restarted one must not (its new rooms may reuse the ids)."""
+        for record in list(self.rooms.values()):
+            if record.state not in TERMINAL_STATES and rank in record.destinations:
+                self._fail(record, PEER_LOST, reason, now, actions, quiet_rank=rank if restarted else None)
+
+    def _on_heartbeat(self, message: Heartbeat, now: float) -> None:
+        if self._liveness.incarnation(message.rank) != message.incarnation:
+            self.stats["stale_heartbeats"] += 1  # from an incarnation we no longer serve
+            return
+        if self._liveness.heard(message.rank, now):
+            self.stats["peers_revived"] += 1
+        self.stats["heartbeats_received"] += 1
+
+    def _is_retired(self, room: int) -> bool:
+        """``room`` finished here, for a peer that is still the same process."""
+        peers = self._retired.get(room)
+        if peers is None:
+            return False
+        if peers and all(self._liveness.incarnation(rank) != incarnation for rank, incarnation in peers):
+            del self._retired[room]  # every peer it involved has restarted since
+            return False
+        return True
+
+    def _lookup(self, room: int) -> Any | None:
+        """The room's record, unless it is a finished room of receivers that have all
+        restarted since: their new processes may reuse its id for a room of their own."""
+        record = self.rooms.get(room)
+        if (
+            record is not None and record.state in TERMINAL_STATES and record.destinations
+            and not record.source_held
+            and all(self._liveness.incarnation(d.rank) != d.incarnation for d in record.destinations.values())
+        ):
+            del self.rooms[room]
+            return None
+        return record
+
+    def _on_pool_layout(self, message: PoolLayout) -> None:
+        if message.rank in self.peers:
+            self._layouts[message.rank] = message
+        else:
+            self.stats["unregistered_dropped"] += 1  # a pool of a rank we did not accept
+
+    def _tick_peers(self, now: float, actions: list[Action]) -> None:
+        """Heartbeats due, and ranks silent past the limit (their rooms fail)."""
+        for rank, sequence in self._liveness.heartbeats_due(now):
+            actions.append(SendMessage(Heartbeat(rank, self.incarnation, sequence), rank))
+        for rank, silent in self._liveness.newly_silent(now):
+            self.stats["peers_lost"] += 1
+            self._peer_lost(rank, f"receiver rank {rank} silent for {silent:.3g} s (peer dead)", now, actions)

@@ -13,7 +13,7 @@ import zmq
 
 from embxfer.core import (
     Action, DecodeError, Init, LocalProtocolError, PoolLayout, Register, Registered, ReleaseSource,
-    RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, decode, encode,
+    RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, check_room, decode, encode,
 )
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
@@ -80,6 +80,7 @@ class EncodeServer(_Runtime):
 
     def send(self, room: int, data: EmbeddingData) -> None:
         """The embedding of ``room`` is ready."""
+        check_room(room)
         if not isinstance(data, EmbeddingData):
             raise LocalProtocolError("data must be an EmbeddingData", field="data")
         data.check_fits(self.settings)
@@ -101,8 +102,11 @@ class EncodeServer(_Runtime):
         self._hand_over(actions)
 
     def forget(self, room: int) -> None:
+        """Forget a finished room (unread ones go ``retention_timeout`` after they end)."""
         with self.lock:
             self.endpoint.forget(room)
+
+    clear = forget
 
     def sources_held(self) -> int:
         """Rooms whose source rows are still staged (0 once every room has ended)."""
@@ -137,13 +141,13 @@ class EncodeServer(_Runtime):
         """The core accepts or refuses the rank; its answer goes back to the socket that
         asked, and only an accepted socket speaks for the rank from then on."""
         actions = self.endpoint.receive(message, now)
-        replies = [a for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Registered)]
-        if any(reply.message.accepted for reply in replies):
+        replies = [a.message for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Registered)]
+        if any(reply.accepted for reply in replies):
             self._identities[message.rank] = identity
             self._sessions[message.rank] = message.session_id
         for reply in replies:
-            self._send_control([identity, *encode(reply.message)])
-        self._run(a for a in actions if a not in replies)
+            self._send_control([identity, *encode(reply)])
+        self._run(a for a in actions if not (isinstance(a, SendMessage) and isinstance(a.message, Registered)))
 
     def _after_wake(self) -> None:
         while True:

@@ -77,9 +77,13 @@ class LanguageClient(_Runtime):
             return self.rows.take(self.endpoint, room)
 
     def forget(self, room: int) -> None:
+        """Forget a finished room once its outcome is read (``take`` forgets a Success
+        itself); unread rooms are forgotten ``retention_timeout`` after they end."""
         with self.lock:
-            self.rows.results.pop(room, None)
             self.endpoint.forget(room)
+            self.rows.results.pop(room, None)
+
+    clear = forget
 
     def free_blocks(self) -> int:
         with self.lock:

@@ -13,7 +13,7 @@ from typing import Any
 
 from embxfer.core import (
     Action, DecodeError, Heartbeat, LocalProtocolError, Poll, Receiver, ReleaseSource, RoomFailedError, SendMessage,
-    Sender, Settings, WriteRows, decode, encode,
+    Sender, Settings, WriteRows, check_room, decode, encode,
 )
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.loopback import LoopbackNetwork, Packet
@@ -60,6 +60,16 @@ class _Handle:
         """Counters, gauges and histograms of this side (see ``embxfer.core`` metrics)."""
         return {**self.endpoint.metrics(), "decode_errors": self.decode_errors}
 
+    def clear(self, room: int) -> None:
+        """Forget a finished room once its outcome is read (a Failed room after
+        ``failure``; ``take`` forgets a Success itself).  Unread rooms are forgotten
+        ``retention_timeout`` after they end."""
+        self.endpoint.forget(room)
+        self._forgotten(room)
+
+    def _forgotten(self, room: int) -> None:
+        pass
+
     def _on_tick(self, now: float) -> None:
         self._run(self.endpoint.tick(now))
 
@@ -83,6 +93,7 @@ class SenderHandle(_Handle):
         self.network.attach(SENDER, self._on_packet, self._on_tick)
 
     def send(self, room: int, data: EmbeddingData) -> None:
+        check_room(room)
         if not isinstance(data, EmbeddingData):
             raise LocalProtocolError("data must be an EmbeddingData", field="data")
         data.check_fits(self.link.settings)
@@ -154,6 +165,9 @@ class ReceiverHandle(_Handle):
     @property
     def allocator(self) -> Any:
         return self.endpoint.allocator
+
+    def _forgotten(self, room: int) -> None:
+        self.rows.results.pop(room, None)
 
     def connect(self) -> None:
         """Register with the sender; the link is up, so both hops are delivered at once."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from embxfer.core import (
-    Action, AuxHeader, CollectRows, LocalProtocolError, Poll, ProtocolError, RoomFinished, Settings, Status,
+    Action, AuxHeader, CollectRows, LocalProtocolError, Poll, ProtocolError, RoomExpired, RoomFinished, Settings,
+    Status,
 )
 from embxfer.transports.buffers import Assembly, EmbeddingData, PoolBuffers
 
@@ -41,6 +42,10 @@ class RowSink:
             assembly.collect(self.buffers, action.runs, action.sent_tokens)
             if action.round == 0:
                 self.buffers.clear_aux(action.allocation.extents[0][0])
+            return True
+        if isinstance(action, RoomExpired):  # nobody read it within retention_timeout
+            self.assemblies.pop(action.room, None)
+            self.results.pop(action.room, None)
             return True
         if isinstance(action, RoomFinished):
             assembly = self.assemblies.pop(action.room, None)

@@ -106,7 +106,9 @@ def serve_encode(args: argparse.Namespace) -> int:
 def serve_language(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     stop = _Stop()
-    print(f"embxfer serve-language: registering with {args.bootstrap_addr} (rank {args.rank})", file=sys.stderr, flush=True)
+    if not args.json:  # (with --json, stdout and stderr carry only the summary and errors)
+        print(f"embxfer serve-language: registering with {args.bootstrap_addr} (rank {args.rank})", file=sys.stderr,
+              flush=True)
     try:
         client = LanguageClient(settings, args.bootstrap_addr, rank=args.rank,
                                 required_dst_info_num=args.required_dst_info_num, protocol=args.protocol,

@@ -56,6 +56,10 @@ SETTINGS_FLAGS: tuple[SettingsFlag, ...] = (
     SettingsFlag("--quarantine-timeout", "quarantine_timeout", float, help="seconds (EMBXFER_QUARANTINE_TIMEOUT)"),
     SettingsFlag("--heartbeat-interval", "heartbeat_interval", float, help="seconds (EMBXFER_HEARTBEAT_INTERVAL)"),
     SettingsFlag("--heartbeat-misses", "heartbeat_misses", int, help="EMBXFER_HEARTBEAT_MISSES"),
+    SettingsFlag("--dead-peer-grace", "dead_peer_grace", float,
+                 help="seconds a new room waits for a dead encode server's successor (EMBXFER_DEAD_PEER_GRACE)"),
+    SettingsFlag("--retention-timeout", "retention_timeout", float,
+                 help="seconds a finished room nobody reads is kept (EMBXFER_RETENTION_TIMEOUT)"),
     SettingsFlag("--prealloc", "prealloc", choices=("fixed", "adaptive"),
                  help="a room's first allocation: fixed (default_blocks) or adaptive (EMBXFER_PREALLOC)"),
 )

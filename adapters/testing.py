@@ -21,7 +21,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, Phase, settings as hyp_settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from embxfer.core import Poll, Settings
+from embxfer.core import LocalProtocolError, Poll, Settings
 from embxfer.specs import invariants
 from embxfer.specs.tables import FAILED, SUCCESS
 
@@ -31,7 +31,9 @@ from .workload import room_data
 DEFAULT_MODEL_SETTINGS = Settings(
     block_size=4, default_blocks=2, pool_blocks=3, hidden_size=8, dtype="float32",
     bootstrap_timeout=5.0, waiting_timeout=5.0, transfer_timeout=5.0, quarantine_timeout=11.0,
+    retention_timeout=3600.0,
 )
+BAD_ROOMS = (-1, 2**63, "7", 1.5, None, True)
 
 
 class LoopbackModel(RuleBasedStateMachine):
@@ -40,6 +42,7 @@ class LoopbackModel(RuleBasedStateMachine):
     settings: Settings = DEFAULT_MODEL_SETTINGS
     receivers: int = 1
     faults: bool = True
+    duplicates: bool = True  # duplicate control messages (on with faults, or alone)
     max_rooms: int = 6
 
     def __init__(self) -> None:
@@ -50,20 +53,60 @@ class LoopbackModel(RuleBasedStateMachine):
         self.next_room = 0
         self.history: dict[tuple[str, int], list[str]] = {}
         self.taken: set[tuple[int, int]] = set()
+        # a fault that may fail a room happened (drop, failed write, crash, abort, a timeout
+        # reached); with none, duplicates, delays and any delivery order must fail nothing
+        self.disturbed = False
+        # control messages already delivered: the network may deliver a copy of any of them
+        # again, at any later stage of its room
+        self.delivered: list[Any] = []
+        network, deliver = self.link.network, self.link.network.deliver
+
+        def deliver_and_remember(index: int = 0) -> Any:
+            packet = deliver(index)
+            if not packet.is_data and not packet.keepalive:
+                self.delivered = [*self.delivered[-31:], packet]
+            return packet
+
+        network.deliver = deliver_and_remember  # type: ignore[method-assign]
 
     # -- workload ------------------------------------------------------------------------
-    @rule(length=st.integers(min_value=1, max_value=40), send_now=st.booleans())
+    @rule(length=st.integers(min_value=1, max_value=40), send_now=st.booleans(),
+          abort_now=st.sampled_from([None, None, None, "sender", "receiver"]))
     @precondition(lambda self: self.next_room < self.max_rooms)
-    def open_room(self, length: int, send_now: bool) -> None:
+    def open_room(self, length: int, send_now: bool, abort_now: str | None) -> None:
         room = self.next_room
         self.next_room += 1
         self.data[room] = room_data(7, room, self.settings, num_tokens=length)
         for rx in self._live_receivers():
             rx.init(room)
+        if abort_now is not None and self.faults:
+            # an abort racing the init from either side: final, whatever arrives first
+            self.disturbed = True
+            handle = self.link.sender if abort_now == "sender" else self.link.receivers[0]
+            if handle.name not in self.link.network.crashed:
+                handle.abort(room)
         if send_now:
             self._send(room)
         else:
             self.unsent.append(room)
+
+    @rule(bad=st.sampled_from(BAD_ROOMS), call=st.sampled_from(["init", "send", "abort", "take", "poll"]))
+    def invalid_room(self, bad: Any, call: str) -> None:
+        """A caller's bad room id is a typed error that changes nothing."""
+        link = self.link
+        before = ([h.endpoint.room_states() for h in (link.sender, *link.receivers)], link.free_blocks())
+        rx = link.receivers[0]
+        calls = {"init": lambda: rx.init(bad), "send": lambda: link.sender.send(bad, self.data.get(0) or room_data(
+            7, 0, self.settings, num_tokens=1)), "abort": lambda: link.sender.abort(bad), "take": lambda: rx.take(bad),
+                 "poll": lambda: rx.poll(bad)}
+        try:
+            calls[call]()
+        except LocalProtocolError as error:
+            assert error.field == "room", error
+        else:
+            raise AssertionError(f"{call}({bad!r}) was accepted")
+        after = ([h.endpoint.room_states() for h in (link.sender, *link.receivers)], link.free_blocks())
+        assert before == after, f"{call}({bad!r}) changed state"
 
     @rule(pick=st.integers(min_value=0))
     @precondition(lambda self: bool(self.unsent))
@@ -105,13 +148,22 @@ class LoopbackModel(RuleBasedStateMachine):
     @rule(pick=st.integers(min_value=0))
     @precondition(lambda self: self.faults and bool(self.link.network.pending))
     def drop(self, pick: int) -> None:
+        self.disturbed = True
         self.link.network.drop(pick % len(self.link.network.pending))
 
     @rule(pick=st.integers(min_value=0))
-    @precondition(lambda self: self.faults and any(not p.is_data for p in self.link.network.pending))
+    @precondition(lambda self: (self.faults or self.duplicates) and any(not p.is_data for p in self.link.network.pending))
     def duplicate(self, pick: int) -> None:
         control = [i for i, p in enumerate(self.link.network.pending) if not p.is_data]
         self.link.network.duplicate(control[pick % len(control)])
+
+    @rule(pick=st.integers(min_value=0))
+    @precondition(lambda self: (self.faults or self.duplicates) and bool(self.delivered))
+    def duplicate_delivered_late(self, pick: int) -> None:
+        """A copy of a control message that already arrived, arriving again now (a late
+        duplicate: an Init after round 0, a Status after the next round, ...)."""
+        packet = self.delivered[pick % len(self.delivered)]
+        self.link.network.send(packet.src, packet.dst, list(packet.frames or ()))
 
     @rule(pick=st.integers(min_value=0))
     @precondition(lambda self: bool(self.link.network.pending))
@@ -121,6 +173,7 @@ class LoopbackModel(RuleBasedStateMachine):
     @rule(rank=st.integers(min_value=0, max_value=3))
     @precondition(lambda self: self.faults)
     def fail_next_write(self, rank: int) -> None:
+        self.disturbed = True
         self.link.network.fail_next_write(receiver_name(rank % self.receivers))
 
     @rule(seconds=st.sampled_from([0.1, 1.0, 2.0, 6.0]))
@@ -128,6 +181,9 @@ class LoopbackModel(RuleBasedStateMachine):
         # bounded delay: quarantine_timeout exceeds any delivery delay, so nothing in flight
         # outlives a quarantine that ends in this step (room timeouts still race messages)
         target = self.link.now + seconds
+        reached = self.link.next_room_deadline()
+        if reached is not None and reached <= target:
+            self.disturbed = True  # a room timeout may fire
         ends = [rx.endpoint.next_quarantine_deadline() for rx in self._live_receivers()]
         if any(end is not None and end <= target for end in ends):
             self.link.run_until_idle()
@@ -136,11 +192,13 @@ class LoopbackModel(RuleBasedStateMachine):
     @rule(which=st.integers(min_value=-1, max_value=3))
     @precondition(lambda self: self.faults and not self.link.network.crashed)
     def crash(self, which: int) -> None:
+        self.disturbed = True
         self.link.network.crash(SENDER if which < 0 else receiver_name(which % self.receivers))
 
     @rule(pick=st.integers(min_value=0), rank=st.integers(min_value=-1, max_value=3))
     @precondition(lambda self: self.next_room > 0)
     def abort(self, pick: int, rank: int) -> None:
+        self.disturbed = True
         room = pick % self.next_room
         if rank < 0:
             if SENDER not in self.link.network.crashed:
@@ -172,6 +230,15 @@ class LoopbackModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         link = self.link
         link.run_until_idle()
+        if not self.disturbed:
+            # only duplicates, delays and reordering: every room must succeed everywhere
+            while self.unsent:
+                self._send(self.unsent.pop())
+            link.run_until_idle()
+            for rx in link.receivers:
+                for room in range(self.next_room):
+                    if (room, rx.rank) not in self.taken:
+                        assert rx.poll(room) == Poll.Success, f"rank {rx.rank} room {room}: {rx.failure(room)}"
         for _ in range(1000):
             deadline = link.next_room_deadline()
             if deadline is None:

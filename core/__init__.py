@@ -7,9 +7,10 @@ lives here; a driver moves bytes and calls these endpoints, and builds no messag
 every message it sends).
 """
 
-from ._actions import Action, CollectRows, Poll, ReleaseSource, RoomFinished, SendMessage, WriteRows
+from ._actions import Action, CollectRows, Poll, ReleaseSource, RoomExpired, RoomFinished, SendMessage, WriteRows
 from ._allocator import Allocation, Allocator
 from ._codec import decode, encode
+from ._endpoint import check_room
 from ._errors import (
     AllocatorError,
     BlockSizeMismatch,
@@ -32,7 +33,7 @@ from ._settings import Settings
 __all__ = [
     # endpoints and what they ask of their driver
     "Sender", "Receiver", "Poll", "Action", "SendMessage", "WriteRows", "ReleaseSource", "CollectRows",
-    "RoomFinished", "Allocation", "Allocator",
+    "RoomFinished", "RoomExpired", "Allocation", "Allocator", "check_room",
     # messages
     "Message", "Register", "Registered", "Init", "Resume", "Status", "Abort", "AbortAck", "Heartbeat",
     "PoolLayout", "AuxHeader",

@@ -87,4 +87,12 @@ class RoomFinished:
     round: int = 0  # the round the room was in when it ended (log lines carry it)
 
 
-Action = Union[SendMessage, WriteRows, ReleaseSource, CollectRows, RoomFinished]
+@attrs.frozen
+class RoomExpired:
+    """A finished room whose outcome nobody read within ``retention_timeout`` is forgotten:
+    drop whatever the I/O layer still keeps of it (assembled rows, a result)."""
+
+    room: int
+
+
+Action = Union[SendMessage, WriteRows, ReleaseSource, CollectRows, RoomFinished, RoomExpired]

@@ -13,7 +13,7 @@ from typing import Any
 
 from embxfer.specs.tables import FAILED, NON_TERMINAL_STATES, TERMINAL_STATES, TIMEOUT, TRANSFERRING
 
-from ._actions import Action, Poll, RoomFinished
+from ._actions import Action, Poll, RoomExpired, RoomFinished
 from ._errors import IllegalTransition, LocalProtocolError
 from ._liveness import Liveness
 from ._machine import machine_for
@@ -51,10 +51,14 @@ class Endpoint:
         self._liveness = Liveness(settings)
         # finished room ids, with the (rank, incarnation) pairs they involved (sender side)
         self._retired: OrderedDict[int, tuple[tuple[int, int | None], ...]] = OrderedDict()
+        # finished rooms not forgotten yet, oldest first, with the time they ended: one
+        # retention_timeout later a room nobody read is forgotten (no heap: FIFO order is
+        # deadline order, since the timeout is the same for every room)
+        self._finished: OrderedDict[int, float] = OrderedDict()
 
     # -- queries -----------------------------------------------------------------------
     def poll(self, room: int) -> Poll:
-        record = self.rooms.get(room)
+        record = self.rooms.get(check_room(room))
         if record is None:
             raise LocalProtocolError(f"unknown room {room}", field="room")
         return Poll[record.state]
@@ -78,15 +82,23 @@ class Endpoint:
         return [room for room, record in self.rooms.items() if record.state not in TERMINAL_STATES]
 
     def failure(self, room: int) -> str:
-        record = self.rooms.get(room)
+        """Why the room failed ('' while it has not, or for a room this endpoint forgot)."""
+        record = self.rooms.get(check_room(room))
         return record.reason if record is not None else ""
 
     def busy_rooms(self) -> int:
         return sum(1 for record in self.rooms.values() if record.state not in TERMINAL_STATES)
 
     def next_room_deadline(self) -> float | None:
-        """The earliest room timeout, leaving out heartbeats, peer-silence checks and quarantine."""
+        """The earliest room timeout, leaving out heartbeats, peer-silence checks, quarantine
+        and the retention of finished rooms."""
         return self._deadlines.next_deadline()
+
+    def next_retention_deadline(self) -> float | None:
+        """When the oldest finished, unread room is forgotten."""
+        for ended in self._finished.values():
+            return ended + self.settings.retention_timeout
+        return None
 
     def metrics(self) -> dict[str, Any]:
         """Counters, gauges and histogram snapshots, as ``stats()`` on the facades shows them."""
@@ -103,7 +115,7 @@ class Endpoint:
     # -- inputs shared by both roles ---------------------------------------------------
     def abort(self, room: int, now: float, reason: str | None = None) -> list[Action]:
         """End ``room`` from this side; the peer is told.  A finished or unknown room: nothing."""
-        record = self.rooms.get(room)
+        record = self.rooms.get(check_room(room))
         if record is None or record.state in TERMINAL_STATES:
             return []
         actions: list[Action] = []
@@ -111,8 +123,10 @@ class Endpoint:
         return actions
 
     def forget(self, room: int) -> None:
-        """Drop a finished room's record; its id is remembered to classify late messages."""
-        record = self.rooms.get(room)
+        """Drop a finished room's record once its outcome has been read (``take`` for
+        Success, ``failure`` + ``clear`` for Failed); its id is remembered to classify late
+        messages.  A room nobody forgets is forgotten ``retention_timeout`` after it ended."""
+        record = self.rooms.get(check_room(room))
         if record is None:
             return
         if record.state not in TERMINAL_STATES:
@@ -120,6 +134,7 @@ class Endpoint:
         self._forget_record(record)
 
     def _forget_record(self, record: Any) -> None:
+        self._finished.pop(record.room, None)
         del self.rooms[record.room]
         retired = self._retired
         retired[record.room] = ()
@@ -141,6 +156,7 @@ class Endpoint:
             record.state = state
             if state in TERMINAL_STATES:
                 self._deadlines.clear(record.room)
+                self._finished[record.room] = now
             else:
                 record.deadline = now + self._timeouts[state]
                 self._deadlines.set(record.room, record.deadline)
@@ -150,9 +166,23 @@ class Endpoint:
         def expire(room: Any) -> None:
             record = self.rooms.get(room)
             if record is not None and record.state not in TERMINAL_STATES:
-                self._fail(record, TIMEOUT, f"timeout in state {record.state}", now, actions)
+                self._on_timeout(record, now, actions)
 
         self._deadlines.pop_expired(now, expire)
+        finished, retention = self._finished, self.settings.retention_timeout
+        while finished:
+            room, ended = next(iter(finished.items()))
+            if ended + retention > now:
+                break
+            del finished[room]
+            record = self.rooms.get(room)
+            if record is not None and record.state in TERMINAL_STATES:
+                self.stats["expired_unread"] += 1
+                self._forget_record(record)
+                actions.append(RoomExpired(room))
+
+    def _on_timeout(self, record: Any, now: float, actions: list[Action]) -> None:
+        self._fail(record, TIMEOUT, f"timeout in state {record.state}", now, actions)
 
     def _fail(self, record: Any, trigger: str, reason: str, now: float, actions: list[Action], **options: Any) -> None:
         """Fail a live room with ``trigger`` (a failure trigger of the table) and ``reason``."""
@@ -160,6 +190,7 @@ class Endpoint:
         assert record.state == FAILED
         record.reason = reason
         self._deadlines.clear(record.room)
+        self._finished[record.room] = now
         self.stats["rooms_failed"] += 1
         self.stats[f"failed:{trigger}"] += 1
         self._abandon(record, reason[:REASON_BYTES], now, actions, **options)

@@ -22,10 +22,11 @@ from embxfer.specs.tables import (
 )
 
 from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage, WriteRows
-from ._allocator import Allocation, Allocator, slot_runs
+from ._allocator import Allocation, Allocator
 from ._endpoint import Endpoint, check_room
 from ._errors import LocalProtocolError
 from ._messages import U64_MAX, Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Registered, Resume, Status
+from ._admission import write_problem
 from ._prealloc import prealloc_policy
 from ._receiver_peer import SenderLink
 from ._settings import Settings
@@ -91,7 +92,8 @@ class Receiver(SenderLink, Endpoint):
         deadlines = [
             d for d in (
                 self._deadlines.next_deadline(), self._quarantine_deadlines.next_deadline(),
-                self._liveness.next_deadline(), self._next_registration,
+                self._liveness.next_deadline(), self._next_registration, self.next_retention_deadline(),
+                self._dead_peer_deadline(),
             ) if d is not None
         ]
         return min(deadlines) if deadlines else None
@@ -127,30 +129,7 @@ class Receiver(SenderLink, Endpoint):
         about, live or quarantined after a failure -- within the pool, and exactly as many
         of them as the round carries.  Ask it under the lock that orders this endpoint's
         inputs and keep holding it while the bytes land."""
-        if write.rank != self.rank:
-            return f"write for rank {write.rank} reached rank {self.rank}"
-        pool_slots = self.settings.pool_tokens
-        for first_slot, _, length in write.runs:
-            if first_slot < 0 or length < 1 or first_slot + length > pool_slots:
-                return f"slots {first_slot}..{first_slot + length} are outside the pool of {pool_slots}"
-        record = self.rooms.get(write.room)
-        held = self._quarantine.get(write.room)
-        if record is not None and record.state not in TERMINAL_STATES and record.allocation is not None and record.requested:
-            allocation, round_, sent_tokens = record.allocation, record.round, record.sent_tokens
-        elif held is not None:
-            allocation, round_, sent_tokens = held.allocation, held.round, held.sent_tokens
-        else:
-            return f"room {write.room} is not receiving"
-        if round_ != write.round or sent_tokens != write.sent_tokens:
-            return f"room {write.room} is not waiting for round {write.round} at token {write.sent_tokens}"
-        if not 1 <= write.num_tokens <= allocation.capacity_tokens:
-            return f"{write.num_tokens} tokens do not fit room {write.room}'s {allocation.capacity_tokens} slots"
-        if tuple(write.runs) != tuple(slot_runs(allocation.extents, allocation.block_size, write.num_tokens)):
-            return f"room {write.room} does not own slots {list(write.runs)} in round {write.round}"
-        aux_block = allocation.extents[0][0] if write.round == 0 else None
-        if write.aux_block != aux_block:
-            return f"aux block {write.aux_block} is not room {write.room}'s ({aux_block}) in round {write.round}"
-        return None
+        return write_problem(self, write)
 
     def aux_block(self, room: int) -> int:
         """The block whose aux record holds ``room``'s header (the round-0 allocation's first)."""
@@ -172,6 +151,7 @@ class Receiver(SenderLink, Endpoint):
         self._waiting_init.append(room)
         actions: list[Action] = []
         self._serve_waiting(now, actions)
+        self._fail_rooms_of_a_dead_peer(now, actions)
         return actions
 
     def receive(self, message: Message, now: float, aux: AuxHeader | None = None, *, aux_error: str = "") -> list[Action]:
@@ -371,7 +351,7 @@ class Receiver(SenderLink, Endpoint):
         self._step(record, RESUME_SENT, now, actions)
 
     def _abandon(self, record: _ReceiverRoom, reason: str, now: float, actions: list[Action],
-                 *, sender_quiet: bool = False) -> None:
+                 *, sender_quiet: bool = False, **_: Any) -> None:
         """Quarantine the blocks the sender may still write (or free them), tell the sender."""
         allocation = record.allocation
         record.allocation = None

@@ -28,6 +28,10 @@ class SenderLink:
     _registration: Register | None
     _next_registration: float | None
     _liveness: Liveness
+    _waiting_init: Any
+    # since when the sender we knew is dead (silent past the limit), until a sender answers
+    _dead_since: float | None = None
+    _dead_reason: str = ""
 
     if TYPE_CHECKING:  # provided by Receiver and Endpoint
         def _fail(self, record: Any, trigger: str, reason: str, now: float, actions: list[Action],
@@ -76,6 +80,7 @@ class SenderLink:
         if incarnation is not None:
             self.peer_incarnation = incarnation
         self.peer_ready = True
+        self._dead_since = None
         self._next_registration = None
         self._liveness.register(0, incarnation, now)
         self._serve_waiting(now, actions)
@@ -89,7 +94,8 @@ class SenderLink:
         self._liveness.heard(0, now)
 
     def _tick_peer(self, now: float, actions: list[Action]) -> None:
-        """Heartbeats due, a sender silent past the limit, and registering again."""
+        """Heartbeats due, a sender silent past the limit, registering again, and rooms
+        that gave up on a dead sender."""
         if self.peer_ready:
             for _, sequence in self._liveness.heartbeats_due(now):
                 actions.append(SendMessage(Heartbeat(self.rank, self.incarnation, sequence)))
@@ -100,6 +106,7 @@ class SenderLink:
             # ask again until a sender answers: the old one after a partition, or its successor
             actions.append(SendMessage(self._registration))
             self._next_registration = now + self.settings.heartbeat_interval
+        self._fail_rooms_of_a_dead_peer(now, actions)
 
     def _peer_lost(self, now: float, reason: str, actions: list[Action], *, restarted: bool = False) -> None:
         """Fail every room the sender knows.  Rooms still waiting for their first blocks
@@ -117,3 +124,23 @@ class SenderLink:
         else:
             self._liveness.forget(0)
             self._next_registration = now
+            self._dead_since, self._dead_reason = now, reason
+
+    def _dead_peer_deadline(self) -> float | None:
+        """When rooms still waiting to start give up on a sender known dead."""
+        if self._dead_since is None or not self._waiting_init:
+            return None
+        return self._dead_since + self.settings.dead_peer_grace
+
+    def _fail_rooms_of_a_dead_peer(self, now: float, actions: list[Action]) -> None:
+        """Past the grace with the sender still dead, rooms waiting to start fail at once
+        (naming the dead peer) instead of each waiting its whole bootstrap timeout."""
+        deadline = self._dead_peer_deadline()
+        if deadline is None or now < deadline:
+            return
+        grace = self.settings.dead_peer_grace
+        reason = f"encode peer dead ({self._dead_reason}); no new encode process answered within {grace:g} s"
+        while self._waiting_init:
+            record = self.rooms.get(self._waiting_init.popleft())
+            if record is not None and record.state not in TERMINAL_STATES:
+                self._fail(record, PEER_LOST, reason, now, actions)

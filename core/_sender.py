@@ -76,7 +76,8 @@ class Sender(ReceiverRanks, Endpoint):
 
     # -- queries -----------------------------------------------------------------------
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self._deadlines.next_deadline(), self._liveness.next_deadline()) if d is not None]
+        deadlines = [d for d in (self._deadlines.next_deadline(), self._liveness.next_deadline(),
+                                 self.next_retention_deadline()) if d is not None]
         return min(deadlines) if deadlines else None
 
     def has_data(self, room: int) -> bool:
@@ -194,8 +195,16 @@ class Sender(ReceiverRanks, Endpoint):
         return super().abort(room, now, reason)
 
     def _forget_record(self, record: Any) -> None:
+        self._finished.pop(record.room, None)
         record.forget_requested = True
         self._maybe_retire(record)
+
+    def _on_timeout(self, record: Any, now: float, actions: list[Action]) -> None:
+        if not record.destinations:
+            # opened by send, and no receiver ever asked for it (it gave up before its
+            # init went out): the rows are let go with the room
+            self.stats["expired_unclaimed"] += 1
+        super()._on_timeout(record, now, actions)
 
     # -- message handlers --------------------------------------------------------------
     def _on_init(self, message: Init, now: float) -> list[Action]:
@@ -329,7 +338,7 @@ class Sender(ReceiverRanks, Endpoint):
 
     def _abandon(
         self, record: _SenderRoom, reason: str, now: float, actions: list[Action],
-        *, extra_rank: int | None = None, quiet_rank: int | None = None,
+        *, extra_rank: int | None = None, quiet_rank: int | None = None, **_: Any,
     ) -> None:
         """Tell every destination that still needs rows (after its write in flight lands),
         and let the source go once no write reads it."""

@@ -8,6 +8,8 @@ from typing import Any
 
 import attrs
 
+from embxfer.specs.schemas import U32_MAX
+
 from ._errors import SettingsError
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -17,6 +19,14 @@ DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise SettingsError(f"{attribute.name} must be a positive integer, got {value!r}", field=attribute.name)
+
+
+def _wire_count(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    """A positive integer that travels in a u32 wire field (sizes, block counts)."""
+    _positive_int(instance, attribute, value)
+    if value > U32_MAX:
+        raise SettingsError(f"{attribute.name} must be at most {U32_MAX} (a u32 on the wire), got {value}",
+                            field=attribute.name)
 
 
 def _positive_seconds(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
@@ -45,17 +55,17 @@ class Settings:
     (see ``embxfer.specs.tables.TIMEOUT_SETTING``).
     """
 
-    block_size: int = attrs.field(default=128, validator=_positive_int)
-    default_blocks: int = attrs.field(default=8, validator=_positive_int)
-    pool_blocks: int = attrs.field(default=64, validator=_positive_int)
-    hidden_size: int = attrs.field(default=1024, validator=_positive_int)
+    block_size: int = attrs.field(default=128, validator=_wire_count)
+    default_blocks: int = attrs.field(default=8, validator=_wire_count)
+    pool_blocks: int = attrs.field(default=64, validator=_wire_count)
+    hidden_size: int = attrs.field(default=1024, validator=_wire_count)
     dtype: str = attrs.field(default="bfloat16", validator=_one_of)
     bootstrap_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
     waiting_timeout: float = attrs.field(default=120.0, validator=_positive_seconds)
     transfer_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
-    # Must exceed bootstrap_timeout + waiting_timeout (plus delivery delay and the data
-    # plane's own transfer timeout): when an abort is lost, the sender's own timers must end
-    # its room before the receiver reuses quarantined blocks.  The checker proves it so.
+    # Must exceed bootstrap_timeout + waiting_timeout (plus twice the worst delivery delay):
+    # when an abort is lost, the sender's own timers must end its room before the receiver
+    # reuses quarantined blocks.  The checker proves it so; __attrs_post_init__ enforces it.
     quarantine_timeout: float = attrs.field(default=180.0, validator=_positive_seconds)
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
     heartbeat_misses: int = attrs.field(default=5, validator=_positive_int)
@@ -63,6 +73,13 @@ class Settings:
     data_plane: str = attrs.field(default="mooncake", validator=_one_of)
     # the first allocation of a room: always ``default_blocks``, or learnt from recent rooms
     prealloc: str = attrs.field(default="fixed", validator=_one_of)
+    # while the sender is known dead (silent past the heartbeat limit, no new process has
+    # answered), a room still waiting to start fails after this grace instead of waiting
+    # its whole bootstrap_timeout
+    dead_peer_grace: float = attrs.field(default=2.0, validator=_positive_seconds)
+    # a finished room whose outcome nobody reads (take, or failure + clear) is forgotten
+    # after this long, its rows released (counted as expired_unread)
+    retention_timeout: float = attrs.field(default=600.0, validator=_positive_seconds)
 
     def __attrs_post_init__(self) -> None:
         if self.default_blocks > self.pool_blocks:
@@ -70,6 +87,29 @@ class Settings:
                 f"default_blocks ({self.default_blocks}) must not exceed pool_blocks ({self.pool_blocks})",
                 field="default_blocks",
             )
+        if self.pool_blocks * self.block_size > U32_MAX:
+            raise SettingsError(
+                f"pool_blocks x block_size ({self.pool_blocks} x {self.block_size}) must be at most {U32_MAX} slots"
+                " (slot numbers are u32 on the wire)", field="pool_blocks",
+            )
+        minimum = self.bootstrap_timeout + self.waiting_timeout
+        if not self.quarantine_timeout > minimum:
+            raise SettingsError(
+                f"quarantine_timeout ({self.quarantine_timeout:g} s) must exceed bootstrap_timeout + waiting_timeout"
+                f" ({self.bootstrap_timeout:g} + {self.waiting_timeout:g} = {minimum:g} s), plus twice the worst"
+                " delivery delay: otherwise a lost abort lets a late write land in reused blocks",
+                field="quarantine_timeout",
+            )
+
+    @classmethod
+    def breaking_the_timing_rule(cls, **values: Any) -> "Settings":
+        """Settings whose ``quarantine_timeout`` may break the timing rule.  Only for showing
+        what breaking it breaks (the checker's ``--quarantine-timeout``); never for serving."""
+        quarantine = values.pop("quarantine_timeout")
+        settings = cls(**values, quarantine_timeout=1e300)  # every other rule still holds
+        _positive_seconds(settings, attrs.fields(cls).quarantine_timeout, quarantine)
+        object.__setattr__(settings, "quarantine_timeout", quarantine)  # frozen: set once, here
+        return settings
 
     @property
     def pool_tokens(self) -> int:
@@ -130,6 +170,8 @@ ENV_ALIASES: dict[str, tuple[str, ...]] = {
 # Fields whose variables may be behind a cross-field SettingsError, in the order to blame them.
 _RELATED_FIELDS: dict[str, tuple[str, ...]] = {
     "default_blocks": ("default_blocks", "pool_blocks"),
+    "pool_blocks": ("pool_blocks", "block_size"),
+    "quarantine_timeout": ("quarantine_timeout", "bootstrap_timeout", "waiting_timeout"),
 }
 
 

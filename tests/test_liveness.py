@@ -81,8 +81,9 @@ def test_receiver_crash_fails_the_senders_rooms_and_releases_sources() -> None:
     assert not link.sender.sources
 
 
-def test_rooms_waiting_for_blocks_are_not_failed_by_a_lost_sender() -> None:
-    """They told the sender nothing: they wait for it to come back, bounded by their timeout."""
+def test_rooms_waiting_for_blocks_wait_for_a_lost_sender_only_for_the_grace() -> None:
+    """They told the sender nothing: they wait for a new sender process to answer, but only
+    ``dead_peer_grace`` (not their whole bootstrap timeout), then fail naming the dead peer."""
     settings = attrs.evolve(LIVE, pool_blocks=2)
     link = connect_loopback(settings)
     rx = link.receivers[0]
@@ -92,8 +93,11 @@ def test_rooms_waiting_for_blocks_are_not_failed_by_a_lost_sender() -> None:
     link.network.crash(SENDER)
     advance_until(link, lambda: rx.poll(1) == Poll.Failed, DEATH_BOUND)
     assert rx.poll(2) == Poll.Bootstrapping
-    link.advance(settings.bootstrap_timeout)
-    assert rx.poll(2) == Poll.Failed and rx.failure(2) == "timeout in state Bootstrapping"
+    link.advance(settings.dead_peer_grace * 0.9)
+    assert rx.poll(2) == Poll.Bootstrapping
+    link.advance(settings.dead_peer_grace * 0.2)
+    assert rx.poll(2) == Poll.Failed and rx.failure(2).startswith("encode peer dead (encode peer silent for")
+    assert settings.dead_peer_grace < settings.bootstrap_timeout / 10
 
 
 def test_a_silent_receiver_that_comes_back_is_served_again() -> None:

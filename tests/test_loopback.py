@@ -132,7 +132,7 @@ def test_quarantine_expires_when_the_sender_never_answers():
     link.network.crash("sender")
     rx.abort(1)
     assert rx.endpoint.quarantined_blocks == 2
-    link.advance(10.9)
+    link.advance(12.9)
     assert rx.endpoint.quarantined_blocks == 2
     link.advance(0.2)
     assert rx.endpoint.quarantined_blocks == 0 and rx.endpoint.stats["quarantine_expired"] == 1

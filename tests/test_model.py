@@ -31,6 +31,22 @@ TestTwoReceivers.settings = settings(
 )
 
 
+class OnlyDisorder(LoopbackModel):
+    """No fault that may fail a room: only duplicates, delays and any delivery order.  Every
+    room must then succeed on every rank (a duplicated Init delivered after round 0 once
+    failed its room: this model finds that)."""
+
+    faults = False
+    duplicates = True
+
+
+TestOnlyDisorder = OnlyDisorder.TestCase
+TestOnlyDisorder.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
 def test_run_model_accepts_user_settings():
     run_model(Settings(block_size=2, default_blocks=1, pool_blocks=1, hidden_size=4, dtype="bfloat16",
                        bootstrap_timeout=3.0, waiting_timeout=3.0, transfer_timeout=3.0, quarantine_timeout=7.0),

@@ -14,6 +14,7 @@ from embxfer.core import LocalProtocolError, ProtocolError, Settings, SettingsEr
 INT_FIELDS = ("block_size", "default_blocks", "pool_blocks", "hidden_size", "heartbeat_misses")
 TIMEOUT_FIELDS = (
     "bootstrap_timeout", "waiting_timeout", "transfer_timeout", "quarantine_timeout", "heartbeat_interval",
+    "dead_peer_grace", "retention_timeout",
 )
 ALIASES = {
     "block_size": "SGLANG_MULTIMODAL_BLOCK_SIZE",
@@ -109,8 +110,38 @@ def test_timeouts_rejected(field: str, bad: object) -> None:
 
 @pytest.mark.parametrize("field", TIMEOUT_FIELDS)
 def test_timeouts_accepted(field: str) -> None:
-    assert getattr(Settings(**{field: 0.001}), field) == 0.001
-    assert getattr(Settings(**{field: 7}), field) == 7
+    # the quarantine must outlast bootstrap + waiting (the timing rule): shrink those with it
+    rule = {"bootstrap_timeout": 0.0005, "waiting_timeout": 0.0004} if field == "quarantine_timeout" else {}
+    assert getattr(Settings(**{**rule, field: 0.001}), field) == 0.001
+    assert getattr(Settings(**{**rule, field: 7}), field) == 7
+
+
+def test_the_timing_rule_is_enforced_naming_the_fields_and_the_minimum() -> None:
+    error = settings_error(Settings, bootstrap_timeout=5.0, waiting_timeout=7.0, quarantine_timeout=11.0)
+    assert error.field == "quarantine_timeout"
+    assert "bootstrap_timeout + waiting_timeout (5 + 7 = 12 s)" in str(error) and "(11 s)" in str(error)
+    assert settings_error(Settings, quarantine_timeout=150.0).field == "quarantine_timeout"  # equal is not enough
+    assert Settings(quarantine_timeout=150.5).quarantine_timeout == 150.5
+    env_error = settings_error(Settings.from_env, {"EMBXFER_WAITING_TIMEOUT": "500"})
+    assert env_error.field == "EMBXFER_WAITING_TIMEOUT"  # the variable that broke it
+    # the one escape hatch: showing what a short quarantine breaks (the checker), never serving
+    short = Settings.breaking_the_timing_rule(bootstrap_timeout=10.0, waiting_timeout=10.0, quarantine_timeout=15.0)
+    assert short.quarantine_timeout == 15.0 and short.bootstrap_timeout == 10.0
+    assert settings_error(Settings.breaking_the_timing_rule, quarantine_timeout=-1.0).field == "quarantine_timeout"
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"block_size": 2**32}, "block_size"), ({"hidden_size": 2**32}, "hidden_size"),
+    ({"pool_blocks": 2**32, "default_blocks": 1}, "pool_blocks"),
+    ({"pool_blocks": 2**25, "block_size": 2**8}, "pool_blocks"),  # 2**33 slots: more than a u32 names
+])
+def test_sizes_the_wire_cannot_carry_are_refused(values: dict, field: str) -> None:
+    assert settings_error(Settings, **values).field == field
+
+
+def test_a_size_variable_the_wire_cannot_carry_names_the_variable() -> None:
+    error = settings_error(Settings.from_env, {"EMBXFER_BLOCK_SIZE": "4294967296"})
+    assert error.field == "EMBXFER_BLOCK_SIZE" and "4294967295" in str(error)
 
 
 def test_default_blocks_must_fit_pool() -> None:
@@ -140,14 +171,14 @@ def test_from_env_native_names() -> None:
         "EMBXFER_BOOTSTRAP_TIMEOUT": "2.5",
         "EMBXFER_WAITING_TIMEOUT": "10",
         "EMBXFER_TRANSFER_TIMEOUT": "0.25",
-        "EMBXFER_QUARANTINE_TIMEOUT": "1e1",
+        "EMBXFER_QUARANTINE_TIMEOUT": "1.5e1",
         "EMBXFER_HEARTBEAT_INTERVAL": " 0.5 ",
         "EMBXFER_HEARTBEAT_MISSES": "3",
     }
     s = Settings.from_env(env)
     assert s == Settings(
         block_size=64, default_blocks=4, pool_blocks=32, hidden_size=4096, dtype="float16",
-        bootstrap_timeout=2.5, waiting_timeout=10.0, transfer_timeout=0.25, quarantine_timeout=10.0,
+        bootstrap_timeout=2.5, waiting_timeout=10.0, transfer_timeout=0.25, quarantine_timeout=15.0,
         heartbeat_interval=0.5, heartbeat_misses=3,
     )
     assert type(s.block_size) is int and type(s.bootstrap_timeout) is float

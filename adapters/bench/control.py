@@ -53,7 +53,8 @@ socket.close(linger=1000)
 
 def control_settings(in_flight: int) -> Settings:
     return Settings(block_size=4, default_blocks=1, pool_blocks=max(in_flight, 1) + 64, hidden_size=256,
-                    dtype="bfloat16", bootstrap_timeout=120, waiting_timeout=120, transfer_timeout=120)
+                    dtype="bfloat16", bootstrap_timeout=120, waiting_timeout=120, transfer_timeout=120,
+                    quarantine_timeout=300)
 
 
 def small_rooms(first: int, count: int) -> list[int]:

@@ -86,7 +86,7 @@ def run_core_overhead(rooms: int, repeat: int, step: Step) -> CaseResult:
         {"us_per_room": "µs", "rooms_per_s": "rooms/s", "us_per_room_without_codec": "µs", "codec_us_per_room": "µs"},
         CORE_COLUMNS,
     )
-    settings = Settings(bootstrap_timeout=3600, waiting_timeout=3600, transfer_timeout=3600, quarantine_timeout=7200)
+    settings = Settings(bootstrap_timeout=3600, waiting_timeout=3600, transfer_timeout=3600, quarantine_timeout=7201)
     for kind, tokens in ROOM_KINDS.items():
         with_codec = OneRoomAtATime(settings, tokens, codec=True)
         without_codec = OneRoomAtATime(settings, tokens, codec=False)
@@ -130,7 +130,7 @@ SCALE_ROOM_TOKENS = 8
 def scale_settings(rooms: int) -> Settings:
     """One block a room and a pool that holds every room at once, so all are in flight."""
     return Settings(block_size=16, default_blocks=1, pool_blocks=max(rooms, SCALE_BASELINE_ROOMS) + 64,
-                    bootstrap_timeout=3600, waiting_timeout=3600, transfer_timeout=3600, quarantine_timeout=7200)
+                    bootstrap_timeout=3600, waiting_timeout=3600, transfer_timeout=3600, quarantine_timeout=7201)
 
 
 def core_bytes_per_room(settings: Settings, rooms: int) -> float:

@@ -50,7 +50,7 @@ def settings_for(tokens: int, resumes: int, data_plane: str = "mooncake") -> Set
     pool = per_round * 2 if resumes == 1 else per_round
     return Settings(block_size=block, default_blocks=per_round, pool_blocks=pool,
                     hidden_size=HIDDEN, dtype="bfloat16", bootstrap_timeout=120, waiting_timeout=120,
-                    transfer_timeout=120, data_plane=data_plane)
+                    transfer_timeout=120, quarantine_timeout=300, data_plane=data_plane)
 
 
 class Unavailable(Exception):

@@ -55,6 +55,7 @@ class World:
         self._canonical = _canonical_inert_liveness if config.liveness_inert else canonical
         for rank, receiver in enumerate(self.receivers):  # the link is up: registered both ways
             for reply in self.sender.receive(receiver.register_message(), self.now):  # the sender's Registered
+                assert isinstance(reply, SendMessage)
                 self._receiver_actions(rank, receiver.receive(reply.message, self.now))
 
     def _tx(self) -> Sender:

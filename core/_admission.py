@@ -1,0 +1,45 @@
+"""The one write-admission rule: may a write land in a receiver's pool now?
+
+Every data plane that hands writes to the receiver (the zmq plane), the loopback's
+one-sided writes and the checker's symbolic data plane ask it through
+``Receiver.write_problem``; none keeps a copy of its own."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from embxfer.specs.tables import TERMINAL_STATES
+
+from ._actions import WriteRows
+from ._allocator import slot_runs
+
+if TYPE_CHECKING:
+    from ._receiver import Receiver
+
+
+def write_problem(receiver: "Receiver", write: WriteRows) -> str | None:
+    """Why ``write`` may not land in ``receiver``'s pool (None when it may)."""
+    if write.rank != receiver.rank:
+        return f"write for rank {write.rank} reached rank {receiver.rank}"
+    pool_slots = receiver.settings.pool_tokens
+    for first_slot, _, length in write.runs:
+        if first_slot < 0 or length < 1 or first_slot + length > pool_slots:
+            return f"slots {first_slot}..{first_slot + length} are outside the pool of {pool_slots}"
+    record = receiver.rooms.get(write.room)
+    held = receiver._quarantine.get(write.room)
+    if record is not None and record.state not in TERMINAL_STATES and record.allocation is not None and record.requested:
+        allocation, round_, sent_tokens = record.allocation, record.round, record.sent_tokens
+    elif held is not None:
+        allocation, round_, sent_tokens = held.allocation, held.round, held.sent_tokens
+    else:
+        return f"room {write.room} is not receiving"
+    if round_ != write.round or sent_tokens != write.sent_tokens:
+        return f"room {write.room} is not waiting for round {write.round} at token {write.sent_tokens}"
+    if not 1 <= write.num_tokens <= allocation.capacity_tokens:
+        return f"{write.num_tokens} tokens do not fit room {write.room}'s {allocation.capacity_tokens} slots"
+    if tuple(write.runs) != tuple(slot_runs(allocation.extents, allocation.block_size, write.num_tokens)):
+        return f"room {write.room} does not own slots {list(write.runs)} in round {write.round}"
+    aux_block = allocation.extents[0][0] if write.round == 0 else None
+    if write.aux_block != aux_block:
+        return f"aux block {write.aux_block} is not room {write.room}'s ({aux_block}) in round {write.round}"
+    return None

@@ -41,7 +41,8 @@ class EncodeServer(_Runtime):
     """
 
     def __init__(self, settings: Settings, *, host: str = "127.0.0.1", bootstrap_port: int = 0,
-                 protocol: str = "tcp", device: str = "", data_for_room: Callable[[int], EmbeddingData] | None = None,
+                 protocol: str = "tcp", device: str = "",
+                 data_for_room: Callable[[int], EmbeddingData | None] | None = None,
                  verbose: bool = False, engine: MooncakeEngine | None = None, forget_finished: bool = False) -> None:
         super().__init__(settings, "encode")
         # a server nobody polls (serve-encode) forgets each room once it ends, so a
@@ -135,7 +136,9 @@ class EncodeServer(_Runtime):
         self._run(self.endpoint.receive(message, now))
         if isinstance(message, Init) and self.data_for_room is not None and message.room not in self._sources:
             if not self.endpoint.is_finished(message.room) and not self.endpoint.has_data(message.room):
-                self._send_locked(message.room, self.data_for_room(message.room))
+                data = self.data_for_room(message.room)
+                if data is not None:  # None: this room's data is not (yet) known
+                    self._send_locked(message.room, data)
 
     def _on_register(self, identity: bytes, message: Register, now: float) -> None:
         """The core accepts or refuses the rank; its answer goes back to the socket that

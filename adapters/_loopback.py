@@ -142,8 +142,9 @@ class SenderHandle(_Handle):
         problem = receiver.endpoint.write_problem(write)
         if problem is not None:
             receiver.violations.append(f"write of room {write.room} round {write.round}: {problem}")
-            if "outside the pool" in problem:
-                return problem
+            outside = receiver.endpoint.write_outside_pool(write)
+            if outside is not None:
+                return outside
         receiver.buffers.write(source, write.sent_tokens, write.runs)
         if write.aux is not None and write.aux_block is not None:
             receiver.buffers.write_aux(write.aux_block, write.aux)

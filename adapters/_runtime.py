@@ -157,6 +157,22 @@ class _Runtime:
             self.changed.wait_for(lambda: self.endpoint.is_finished(room) or self.endpoint.state_of(room) is None, timeout)
             return self.endpoint.poll(room)  # type: ignore[no-any-return]
 
+    def wait_any(self, rooms: Iterable[int], timeout: float | None = None) -> list[int]:
+        """Block until at least one of ``rooms`` is Success or Failed, or forgotten (or
+        ``timeout`` passes); returns those, in the order given.  No busy polling: the I/O
+        thread signals after every wake-up."""
+        rooms = list(rooms)
+        endpoint = self.endpoint
+        with self.changed:
+            finished: list[int] = []
+
+            def any_finished() -> bool:
+                finished[:] = [r for r in rooms if endpoint.is_finished(r) or endpoint.state_of(r) is None]
+                return bool(finished)
+
+            self.changed.wait_for(any_finished, timeout)
+            return finished
+
     def stats(self) -> dict[str, Any]:
         """Counters, gauges and histograms of this side (see ``embxfer.core`` metrics)."""
         with self.lock:

@@ -11,13 +11,28 @@ import time
 from collections import Counter
 from typing import Any
 
-from embxfer.core import Poll
+from embxfer.core import LocalProtocolError, Poll
+from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeUnavailable
 
 from ._encode import EncodeServer
 from ._language import LanguageClient
 from .settings_flags import add_settings_flags, settings_from  # noqa: F401  (add_settings_flags: re-exported)
 from .workload import room_data
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _counters(stats: dict[str, Any]) -> dict[str, Any]:
@@ -61,8 +76,14 @@ class _Stop:
 def serve_encode(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     stop = _Stop()
-    seed = args.synthetic_seed
-    data_for_room = None if seed is None else (lambda room: room_data(seed, room, settings))
+    seed, skip = args.synthetic_seed, args.skip_every
+
+    def synthetic(room: int) -> EmbeddingData | None:
+        if skip and room % skip == skip - 1:
+            return None  # never sent: its receiver times out
+        return room_data(seed, room, settings)
+
+    data_for_room = None if seed is None else synthetic
     try:
         server = EncodeServer(settings, host=args.host, bootstrap_port=args.bootstrap_port, protocol=args.protocol,
                               device=args.device, data_for_room=data_for_room, verbose=args.verbose,
@@ -133,24 +154,32 @@ def serve_language(args: argparse.Namespace) -> int:
         while pending and len(active) < args.in_flight:
             room = pending.pop(0)
             client.init(room)
+            if args.abort_every and room % args.abort_every == args.abort_every - 1:
+                client.abort(room)
             active.append(room)
-        room = active.pop(0)
-        state = client.wait(room, timeout=1.0)
-        if state not in (Poll.Success, Poll.Failed):
-            active.append(room)  # not yet: check the others, come back (Ctrl-C is seen here)
-            continue
-        if state == Poll.Success:
-            data = client.take(room)
-            if args.verify and not data.same_bytes(room_data(args.synthetic_seed, room, settings)):
-                wrong += 1
-            byte_count += data.embeddings.numel() * data.embeddings.element_size() + data.num_tokens * 32
-            succeeded += 1
-        else:
-            failed += 1
-            reasons[client.failure(room)] += 1
-            client.forget(room)
-        if bar is not None:
-            bar.update(1)
+        # whichever rooms end first (no head-of-line wait); Ctrl-C is seen within the timeout
+        for room in client.wait_any(active, timeout=0.5):
+            active.remove(room)
+            try:
+                state = client.poll(room)
+            except LocalProtocolError:  # forgotten unread (retention_timeout passed)
+                failed += 1
+                reasons["forgotten unread"] += 1
+                continue
+            if state == Poll.Success:
+                data = client.take(room)
+                if args.verify and not data.same_bytes(room_data(args.synthetic_seed, room, settings)):
+                    wrong += 1
+                byte_count += data.embeddings.numel() * data.embeddings.element_size() + data.num_tokens * 32
+                succeeded += 1
+            else:
+                failed += 1
+                reasons[client.failure(room)] += 1
+                client.forget(room)
+            if bar is not None:
+                bar.update(1)
+            if args.report_every and (succeeded + failed) % args.report_every == 0:
+                print(json.dumps({"progress": succeeded + failed, "rss_mb": round(_rss_mb(), 1)}), flush=True)
     interrupted = stop.event.is_set()
     for key, count in client.stats().items():
         if key.startswith("resume_rounds:"):

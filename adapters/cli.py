@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("--device", default="", help="RDMA device, e.g. mlx5_0")
     encode.add_argument("--synthetic-seed", type=int, default=None,
                         help="answer every room with deterministic synthetic rows")
+    encode.add_argument("--skip-every", type=int, default=0, metavar="N",
+                        help="with --synthetic-seed: never send every Nth room (its receiver times out; for soak tests)")
     encode.add_argument("--json", action="store_true")
     encode.add_argument("--no-progress", action="store_true")
     encode.add_argument("--verbose", action="store_true")
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     language.add_argument("--host", default="127.0.0.1", help="this side's data-plane address")
     language.add_argument("--protocol", choices=["tcp", "rdma"], default="tcp")
     language.add_argument("--device", default="")
+    language.add_argument("--abort-every", type=int, default=0, metavar="N",
+                          help="abort every Nth room right after its init (for soak tests)")
+    language.add_argument("--report-every", type=int, default=0, metavar="N",
+                          help="print a JSON progress line (rooms done, resident memory) every N rooms")
     language.add_argument("--json", action="store_true")
     language.add_argument("--no-progress", action="store_true")
     language.add_argument("--verbose", action="store_true")

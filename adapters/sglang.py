@@ -48,6 +48,10 @@ class EmbeddingSender:
     def abort(self) -> None:
         self.manager.abort(self.bootstrap_room)
 
+    def clear(self) -> None:
+        """Forget the finished room (after its failure was read); see README "Retention"."""
+        self.manager.clear(self.bootstrap_room)
+
 
 class EmbeddingReceiver:
     def __init__(self, manager: Any, bootstrap_room: int) -> None:
@@ -79,3 +83,7 @@ class EmbeddingReceiver:
 
     def abort(self) -> None:
         self.manager.abort(self.bootstrap_room)
+
+    def clear(self) -> None:
+        """Forget the finished room (after its failure was read); see README "Retention"."""
+        self.manager.clear(self.bootstrap_room)

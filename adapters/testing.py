@@ -56,6 +56,8 @@ class LoopbackModel(RuleBasedStateMachine):
         # a fault that may fail a room happened (drop, failed write, crash, abort, a timeout
         # reached); with none, duplicates, delays and any delivery order must fail nothing
         self.disturbed = False
+        # rooms aborted right after their init: (room, rank aborted for, or None for every rank)
+        self.aborted_at_init: list[tuple[int, int | None]] = []
         # control messages already delivered: the network may deliver a copy of any of them
         # again, at any later stage of its room
         self.delivered: list[Any] = []
@@ -85,6 +87,7 @@ class LoopbackModel(RuleBasedStateMachine):
             handle = self.link.sender if abort_now == "sender" else self.link.receivers[0]
             if handle.name not in self.link.network.crashed:
                 handle.abort(room)
+                self.aborted_at_init.append((room, None if abort_now == "sender" else 0))
         if send_now:
             self._send(room)
         else:
@@ -230,6 +233,11 @@ class LoopbackModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         link = self.link
         link.run_until_idle()
+        for room, rank in self.aborted_at_init:  # an abort is final, whatever arrived first
+            for rx in link.receivers:
+                if rank is None or rx.rank == rank:
+                    assert (room, rx.rank) not in self.taken and rx.endpoint.state_of(room) != SUCCESS, (
+                        f"room {room} succeeded on rank {rx.rank} after an abort at its init")
         if not self.disturbed:
             # only duplicates, delays and reordering: every room must succeed everywhere
             while self.unsent:

@@ -17,14 +17,22 @@ if TYPE_CHECKING:
     from ._receiver import Receiver
 
 
-def write_problem(receiver: "Receiver", write: WriteRows) -> str | None:
-    """Why ``write`` may not land in ``receiver``'s pool (None when it may)."""
-    if write.rank != receiver.rank:
-        return f"write for rank {write.rank} reached rank {receiver.rank}"
+def outside_pool(receiver: "Receiver", write: WriteRows) -> str | None:
+    """Why ``write`` cannot land at all: a run outside the pool (None when every run is in)."""
     pool_slots = receiver.settings.pool_tokens
     for first_slot, _, length in write.runs:
         if first_slot < 0 or length < 1 or first_slot + length > pool_slots:
             return f"slots {first_slot}..{first_slot + length} are outside the pool of {pool_slots}"
+    return None
+
+
+def write_problem(receiver: "Receiver", write: WriteRows) -> str | None:
+    """Why ``write`` may not land in ``receiver``'s pool (None when it may)."""
+    if write.rank != receiver.rank:
+        return f"write for rank {write.rank} reached rank {receiver.rank}"
+    bounds = outside_pool(receiver, write)
+    if bounds is not None:
+        return bounds
     record = receiver.rooms.get(write.room)
     held = receiver._quarantine.get(write.room)
     if record is not None and record.state not in TERMINAL_STATES and record.allocation is not None and record.requested:

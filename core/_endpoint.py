@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from typing import Any
 
-from embxfer.specs.tables import FAILED, NON_TERMINAL_STATES, TERMINAL_STATES, TIMEOUT, TRANSFERRING
+from embxfer.specs.tables import ABORT, FAIL, FAILED, NON_TERMINAL_STATES, TERMINAL_STATES, TIMEOUT, TRANSFERRING
 
 from ._actions import Action, Poll, RoomExpired, RoomFinished
 from ._errors import IllegalTransition, LocalProtocolError
@@ -51,6 +51,11 @@ class Endpoint:
         self._liveness = Liveness(settings)
         # finished room ids, with the (rank, incarnation) pairs they involved (sender side)
         self._retired: OrderedDict[int, tuple[tuple[int, int | None], ...]] = OrderedDict()
+        # when each was retired (the time of the last tick before): tombstones are bounded by
+        # count (RETIRED_MEMORY) and by age (max(retention, quarantine): no late message of
+        # the room can arrive later than that)
+        self._retired_at: OrderedDict[int, float] = OrderedDict()
+        self._clock = 0.0
         # finished rooms not forgotten yet, oldest first, with the time they ended: one
         # retention_timeout later a room nobody read is forgotten (no heap: FIFO order is
         # deadline order, since the timeout is the same for every room)
@@ -105,6 +110,8 @@ class Endpoint:
         return {
             **self.stats,
             "rooms_in_flight": self.busy_rooms(),
+            "room_records": len(self.rooms),  # live and finished-but-not-forgotten
+            "tombstones": len(self._retired),  # finished ids remembered (bounded by count)
             **self._gauges(),
             "histograms": {name: h.snapshot() for name, h in self.histograms.items()},
         }
@@ -119,7 +126,8 @@ class Endpoint:
         if record is None or record.state in TERMINAL_STATES:
             return []
         actions: list[Action] = []
-        self._fail(record, "abort", reason or f"aborted by {self.role}", now, actions)
+        self._clock = now
+        self._fail(record, ABORT, reason or f"aborted by {self.role}", now, actions)
         return actions
 
     def forget(self, room: int) -> None:
@@ -136,10 +144,7 @@ class Endpoint:
     def _forget_record(self, record: Any) -> None:
         self._finished.pop(record.room, None)
         del self.rooms[record.room]
-        retired = self._retired
-        retired[record.room] = ()
-        if len(retired) > RETIRED_MEMORY:
-            retired.popitem(last=False)
+        self._retire(record.room)
 
     # -- stepping rooms ----------------------------------------------------------------
     def _step(self, record: Any, trigger: str, now: float, actions: list[Action]) -> bool:
@@ -149,7 +154,7 @@ class Endpoint:
         except IllegalTransition as error:
             if record.state in TERMINAL_STATES:
                 raise
-            self._fail(record, "fail", str(error), now, actions)
+            self._fail(record, FAIL, str(error), now, actions)
             return False
         if state != record.state or state == TRANSFERRING:
             # a new phase, or progress while transferring, restarts the state's clock
@@ -163,6 +168,8 @@ class Endpoint:
         return True
 
     def _expire_rooms(self, now: float, actions: list[Action]) -> None:
+        self._clock = now
+        self._expire_tombstones(now)
         def expire(room: Any) -> None:
             record = self.rooms.get(room)
             if record is not None and record.state not in TERMINAL_STATES:
@@ -209,6 +216,28 @@ class Endpoint:
 
     # -- retired ids -------------------------------------------------------------------
     def _retire(self, room: int, peers: tuple[tuple[int, int | None], ...] = ()) -> None:
-        self._retired[room] = peers
-        if len(self._retired) > RETIRED_MEMORY:
-            self._retired.popitem(last=False)
+        retired, retired_at = self._retired, self._retired_at
+        retired[room] = peers
+        retired_at[room] = self._clock
+        retired_at.move_to_end(room)  # an id retired again goes to the back: the order stays by age
+        if len(retired) > RETIRED_MEMORY:
+            oldest, _ = retired.popitem(last=False)
+            retired_at.pop(oldest, None)
+
+    def _unretire(self, room: int) -> None:
+        self._retired_at.pop(room, None)
+        self._forget_tombstone(room)
+
+    def _expire_tombstones(self, now: float) -> None:
+        settings = self.settings
+        horizon = now - max(settings.retention_timeout, settings.quarantine_timeout)
+        retired_at = self._retired_at
+        while retired_at:
+            room, at = next(iter(retired_at.items()))
+            if at > horizon:
+                return
+            del retired_at[room]
+            self._forget_tombstone(room)
+
+    def _forget_tombstone(self, room: int) -> None:
+        self._retired.pop(room, None)

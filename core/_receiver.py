@@ -26,7 +26,7 @@ from ._allocator import Allocation, Allocator
 from ._endpoint import Endpoint, check_room
 from ._errors import LocalProtocolError
 from ._messages import U64_MAX, Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Registered, Resume, Status
-from ._admission import write_problem
+from ._admission import outside_pool, write_problem
 from ._prealloc import prealloc_policy
 from ._receiver_peer import SenderLink
 from ._settings import Settings
@@ -131,6 +131,10 @@ class Receiver(SenderLink, Endpoint):
         inputs and keep holding it while the bytes land."""
         return write_problem(self, write)
 
+    def write_outside_pool(self, write: WriteRows) -> str | None:
+        """The part of ``write_problem`` no data plane can land at all (runs outside the pool)."""
+        return outside_pool(self, write)
+
     def aux_block(self, room: int) -> int:
         """The block whose aux record holds ``room``'s header (the round-0 allocation's first)."""
         record = self.rooms.get(room)
@@ -143,6 +147,7 @@ class Receiver(SenderLink, Endpoint):
         """Start receiving ``room``: allocate the default guess (or wait for it) and send init."""
         if type(room) is not int or not 0 <= room <= U64_MAX:
             check_room(room)  # the typed error; inlined test: this is the hot path
+        self._clock = now
         if room in self.rooms or room in self._retired:
             raise LocalProtocolError(f"room {room} was already initialised", field="room")
         record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout, started=now)
@@ -157,6 +162,7 @@ class Receiver(SenderLink, Endpoint):
     def receive(self, message: Message, now: float, aux: AuxHeader | None = None, *, aux_error: str = "") -> list[Action]:
         """A control message from the sender.  For round 0's ``Status`` pass the aux header
         read from the aux record of ``aux_block(room)`` (or why it could not be read)."""
+        self._clock = now
         if isinstance(message, Registered):
             return self._on_registered(message, now)
         if not isinstance(message, Heartbeat):

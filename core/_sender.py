@@ -20,7 +20,7 @@ from embxfer.specs.tables import (
 
 from ._actions import Action, Poll, ReleaseSource, RoomFinished, SendMessage, WriteRows
 from ._allocator import slot_runs
-from ._endpoint import REASON_BYTES, RETIRED_MEMORY, Endpoint, check_room
+from ._endpoint import REASON_BYTES, Endpoint, check_room
 from ._sender_peers import ReceiverRanks
 from ._errors import LocalProtocolError, RoomFailedError
 from ._messages import (
@@ -90,6 +90,7 @@ class Sender(ReceiverRanks, Endpoint):
         """The embedding of ``room`` is ready: ``total_tokens`` rows (the I/O layer holds them)."""
         if type(room) is not int or not 0 <= room <= U64_MAX:
             check_room(room)  # the typed error; inlined test: this is the hot path
+        self._clock = now
         try:
             aux = AuxHeader(room, total_tokens, mrope_position_delta, self.settings.hidden_size, self.settings.dtype)
         except InvalidField as error:
@@ -117,6 +118,7 @@ class Sender(ReceiverRanks, Endpoint):
 
     def receive(self, message: Message, now: float) -> list[Action]:
         """A control message from a receiver rank."""
+        self._clock = now
         if isinstance(message, Register):
             return self._on_register(message, now)
         if isinstance(message, Heartbeat):
@@ -142,6 +144,7 @@ class Sender(ReceiverRanks, Endpoint):
 
     def write_done(self, room: int, rank: int, round: int, now: float, error: str | None = None) -> list[Action]:
         """The data plane finished the write of ``round`` to ``rank``; ``error`` when it failed."""
+        self._clock = now  # a room whose forget waited for this write is retired now
         record = self.rooms.get(room)
         dest = record.destinations.get(rank) if record is not None else None
         if record is None or dest is None or not dest.writing or dest.round != round:
@@ -179,20 +182,6 @@ class Sender(ReceiverRanks, Endpoint):
         self._expire_rooms(now, actions)
         self._tick_peers(now, actions)
         return actions
-
-    def abort(self, room: int, now: float, reason: str | None = None) -> list[Action]:
-        """End ``room`` from this side.  A room no receiver has asked for yet leaves a
-        tombstone: its init, whenever it comes, is answered with this abort, and a later
-        ``send`` is dropped -- an abort is final whatever the order of arrival."""
-        check_room(room)
-        if self._lookup(room) is None and not self._is_retired(room):
-            self._retire(room)
-            self._early_aborts[room] = reason or "aborted by sender"
-            if len(self._early_aborts) > RETIRED_MEMORY:
-                self._early_aborts.popitem(last=False)
-            self.stats["aborted_before_init"] += 1
-            return []
-        return super().abort(room, now, reason)
 
     def _forget_record(self, record: Any) -> None:
         self._finished.pop(record.room, None)
@@ -300,6 +289,7 @@ class Sender(ReceiverRanks, Endpoint):
         if record is None:
             # an abort that overtook the room's init: remember the room so a late init can
             # never start writing blocks the receiver frees on our ack
+            self._clock = now
             self._retire(message.room, ((message.rank, self._liveness.incarnation(message.rank)),))
         elif record.state not in TERMINAL_STATES:
             self._fail(record, ABORT, f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)

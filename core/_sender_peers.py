@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from embxfer.specs.tables import PEER_LOST, TERMINAL_STATES
 
 from ._actions import Action, SendMessage
-from ._endpoint import REASON_BYTES
+from ._endpoint import REASON_BYTES, RETIRED_MEMORY, check_room
 from ._liveness import Liveness
 from ._messages import Heartbeat, PoolLayout, Register, Registered
 from ._settings import Settings
@@ -27,10 +27,15 @@ class ReceiverRanks:
     _layouts: dict[int, PoolLayout]
     _liveness: Liveness
     _retired: Any
+    _finished: Any
+    _early_aborts: Any
+    _clock: float
 
     if TYPE_CHECKING:  # provided by Endpoint, which comes after this mixin in Sender's bases
         def _fail(self, record: Any, trigger: str, reason: str, now: float, actions: list[Action],
                   **options: Any) -> None: ...
+        def _unretire(self, room: int) -> None: ...
+        def _retire(self, room: int, peers: tuple[tuple[int, int | None], ...] = ()) -> None: ...
 
     # -- queries -----------------------------------------------------------------------
     def peer_alive(self, rank: int) -> bool:
@@ -95,13 +100,32 @@ class ReceiverRanks:
             self.stats["peers_revived"] += 1
         self.stats["heartbeats_received"] += 1
 
+    def abort(self, room: int, now: float, reason: str | None = None) -> list[Action]:
+        """End ``room`` from this side.  A room no receiver has asked for yet leaves a
+        tombstone: its init, whenever it comes, is answered with this abort, and a later
+        ``send`` is dropped -- an abort is final whatever the order of arrival."""
+        check_room(room)
+        self._clock = now  # the tombstone's age counts from now
+        if self._lookup(room) is None and not self._is_retired(room):
+            self._retire(room)
+            self._early_aborts[room] = (reason or "aborted by sender")[:REASON_BYTES]
+            if len(self._early_aborts) > RETIRED_MEMORY:
+                self._early_aborts.popitem(last=False)
+            self.stats["aborted_before_init"] += 1
+            return []
+        return super().abort(room, now, reason)  # type: ignore[misc]  # Endpoint, after this mixin
+
+    def _forget_tombstone(self, room: int) -> None:
+        super()._forget_tombstone(room)  # type: ignore[misc]
+        self._early_aborts.pop(room, None)
+
     def _is_retired(self, room: int) -> bool:
         """``room`` finished here, for a peer that is still the same process."""
         peers = self._retired.get(room)
         if peers is None:
             return False
         if peers and all(self._liveness.incarnation(rank) != incarnation for rank, incarnation in peers):
-            del self._retired[room]  # every peer it involved has restarted since
+            self._unretire(room)  # every peer it involved has restarted since
             return False
         return True
 
@@ -115,6 +139,7 @@ class ReceiverRanks:
             and all(self._liveness.incarnation(d.rank) != d.incarnation for d in record.destinations.values())
         ):
             del self.rooms[room]
+            self._finished.pop(room, None)  # its id starts over: so does its retention
             return None
         return record
 

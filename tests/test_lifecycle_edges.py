@@ -238,3 +238,23 @@ def test_unread_rooms_are_forgotten_after_the_retention_time_and_their_rows_let_
     assert rx0.stats()["expired_unread"] == 1
     assert tx.endpoint.room_states() == {} and tx.stats()["expired_unread"] == 1
     assert rx0.endpoint.next_retention_deadline() is None
+
+
+def test_tombstones_are_bounded_by_age_as_well_as_by_count():
+    settings = Settings(block_size=4, default_blocks=2, pool_blocks=6, hidden_size=8, dtype="float32",
+                        bootstrap_timeout=5.0, waiting_timeout=5.0, transfer_timeout=5.0, quarantine_timeout=11.0,
+                        retention_timeout=20.0)
+    link = connect_loopback(settings)
+    rx, tx = link.receivers[0], link.sender
+    for room in range(5):
+        rx.init(room)
+        tx.send(room, rows(3, settings, room=room))
+    link.run_until_idle()
+    for room in range(5):
+        rx.take(room)
+        tx.clear(room)
+    assert rx.stats()["tombstones"] == 5 and tx.stats()["tombstones"] == 5
+    link.advance(19.0)
+    assert rx.stats()["tombstones"] == 5  # a late message of theirs is still recognised
+    link.advance(2.5)
+    assert rx.stats()["tombstones"] == 0 and tx.stats()["tombstones"] == 0

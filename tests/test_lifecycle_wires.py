@@ -104,3 +104,26 @@ def processes():
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("room", [-1, 2**63, "7", 1.5, None, True], ids=repr)
+def test_invalid_room_ids_on_real_wires_and_through_the_facade_change_nothing(room):
+    from embxfer.adapters.sglang import EmbeddingReceiver
+    from embxfer.core import LocalProtocolError
+
+    with connect_local(SMALL_POOL) as link:
+        rx, server = link.receivers[0], link.sender
+        calls = [lambda: rx.init(room), lambda: rx.abort(room), lambda: rx.take(room), lambda: rx.poll(room),
+                 lambda: rx.clear(room), lambda: server.send(room, room_data(3, 0, SMALL_POOL, num_tokens=4)),
+                 lambda: server.abort(room), lambda: server.poll(room),
+                 lambda: EmbeddingReceiver(rx, room).init(), lambda: EmbeddingSender(server, room).abort()]
+        for call in calls:
+            with pytest.raises(LocalProtocolError) as error:
+                call()
+            assert error.value.field == "room"
+        assert rx.endpoint.room_states() == {} and server.endpoint.room_states() == {}
+        assert rx.endpoint.free_blocks == SMALL_POOL.pool_blocks and server.sources_held() == 0
+        data = room_data(3, 5, SMALL_POOL, num_tokens=20)  # and the link still works
+        rx.init(5)
+        server.send(5, data)
+        assert rx.wait(5, WAIT) == Poll.Success and rx.take(5).same_bytes(data)

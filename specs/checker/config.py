@@ -14,12 +14,12 @@ def checker_settings(pool_blocks: int = 2, **overrides: Any) -> Settings:
     """Tiny settings for exhaustive runs: 2-token blocks, a 1-block guess, a 2-block pool
     (so two rooms wait for each other's blocks), 10 s room timeouts, a quarantine that
     meets the timing assumption for ``Config.max_delay`` 10 s (45 > 10 + 10 + 2 x 10), and
-    heartbeats beyond the time horizon.  A ``quarantine_timeout`` that breaks the timing rule
+    heartbeats and the retention of finished rooms beyond the time horizon.  A ``quarantine_timeout`` that breaks the timing rule
     is allowed here (``Settings.breaking_the_timing_rule``): the checker shows what it breaks."""
     values: dict[str, Any] = dict(
         block_size=2, default_blocks=1, pool_blocks=pool_blocks, hidden_size=1, dtype="float32",
         bootstrap_timeout=10.0, waiting_timeout=10.0, transfer_timeout=10.0, quarantine_timeout=45.0,
-        heartbeat_interval=1000.0, heartbeat_misses=1,
+        heartbeat_interval=1000.0, heartbeat_misses=1, retention_timeout=1e6,
     )
     values.update(overrides)
     if values["quarantine_timeout"] <= values["bootstrap_timeout"] + values["waiting_timeout"]:
@@ -57,4 +57,4 @@ class Config:
         """No heartbeat is due and no peer can look silent before the horizon: the first
         heartbeat is due ``heartbeat_interval`` after registering (at time 0), and silence
         needs ``heartbeat_interval * heartbeat_misses`` without a word."""
-        return self.time_horizon <= self.settings.heartbeat_interval
+        return self.time_horizon <= min(self.settings.heartbeat_interval, self.settings.retention_timeout)

@@ -156,8 +156,8 @@ class World:
 
     @staticmethod
     def _live(endpoint: Any, room: int) -> bool:
-        record = endpoint.rooms.get(room)
-        return record is not None and record.state not in TERMINAL_STATES
+        state = endpoint.state_of(room)
+        return state is not None and state not in TERMINAL_STATES
 
     def describe(self, event: tuple[Hashable, ...]) -> str:
         """The event in words, naming the item in flight it acts on."""
@@ -309,7 +309,7 @@ class World:
         live: list[tuple[int, Any]] = [(SENDER, self.sender)] if SENDER not in self.crashed else []
         live += [(r, rx) for r, rx in enumerate(self.receivers) if r not in self.crashed]
         for node, endpoint in live:
-            stuck = invariants.all_terminal((f"{node}:{room}", r.state) for room, r in endpoint.rooms.items())
+            stuck = invariants.all_terminal((f"{node}:{room}", state) for room, state in endpoint.room_states().items())
             problems += [f"deadlock: {p} with nothing left to happen" for p in stuck]
             if node != SENDER:
                 problems += invariants.all_freed_once(endpoint.allocator)

@@ -22,7 +22,7 @@ from ._metrics import endpoint_histograms
 from ._settings import Settings
 from ._timers import Deadlines
 
-RETIRED_MEMORY = 1 << 16  # finished room ids remembered to classify late messages
+RETIRED_MEMORY = 1 << 15  # finished room ids remembered to classify late messages (and by age)
 REASON_BYTES = 512  # a failure reason travels in an Abort's text field at most this long
 
 
@@ -56,6 +56,7 @@ class Endpoint:
         # the room can arrive later than that)
         self._retired_at: OrderedDict[int, float] = OrderedDict()
         self._clock = 0.0
+        self._peer_sets: dict[tuple[tuple[int, int | None], ...], tuple[tuple[int, int | None], ...]] = {}
         # finished rooms not forgotten yet, oldest first, with the time they ended: one
         # retention_timeout later a room nobody read is forgotten (no heap: FIFO order is
         # deadline order, since the timeout is the same for every room)
@@ -217,7 +218,11 @@ class Endpoint:
     # -- retired ids -------------------------------------------------------------------
     def _retire(self, room: int, peers: tuple[tuple[int, int | None], ...] = ()) -> None:
         retired, retired_at = self._retired, self._retired_at
-        retired[room] = peers
+        # the same few peer sets recur for every room: keep one copy of each (a tombstone
+        # costs two ordered-dict entries, not new tuples too)
+        if len(self._peer_sets) > 1024:  # restarts make new sets: keep the cache small
+            self._peer_sets.clear()
+        retired[room] = self._peer_sets.setdefault(peers, peers)
         retired_at[room] = self._clock
         retired_at.move_to_end(room)  # an id retired again goes to the back: the order stays by age
         if len(retired) > RETIRED_MEMORY:

@@ -19,7 +19,7 @@ SCALE = int(os.environ.get("EMBXFER_SOAK_ROOMS", "100000"))
 ABORT_EVERY = 37  # the language side aborts these rooms right after their init
 SKIP_EVERY = 200  # the encode side never sends these rooms: they time out
 TIMING = ["--bootstrap-timeout", "4", "--waiting-timeout", "0.5", "--transfer-timeout", "4", "--quarantine-timeout", "6"]
-RETIRED_BOUND = 1 << 16  # tombstones kept per endpoint (by count)
+RETIRED_BOUND = 1 << 15  # tombstones kept per endpoint (by count)
 
 
 def rss_mb(pid: int) -> float:

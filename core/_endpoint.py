@@ -135,7 +135,9 @@ class Endpoint:
         """Drop a finished room's record once its outcome has been read (``take`` for
         Success, ``failure`` + ``clear`` for Failed); its id is remembered to classify late
         messages.  A room nobody forgets is forgotten ``retention_timeout`` after it ended."""
-        record = self.rooms.get(check_room(room))
+        if type(room) is not int or not 0 <= room <= U64_MAX:
+            check_room(room)  # the typed error; inlined test: this is the hot path
+        record = self.rooms.get(room)
         if record is None:
             return
         if record.state not in TERMINAL_STATES:
@@ -218,13 +220,17 @@ class Endpoint:
     # -- retired ids -------------------------------------------------------------------
     def _retire(self, room: int, peers: tuple[tuple[int, int | None], ...] = ()) -> None:
         retired, retired_at = self._retired, self._retired_at
-        # the same few peer sets recur for every room: keep one copy of each (a tombstone
-        # costs two ordered-dict entries, not new tuples too)
-        if len(self._peer_sets) > 1024:  # restarts make new sets: keep the cache small
-            self._peer_sets.clear()
-        retired[room] = self._peer_sets.setdefault(peers, peers)
+        if peers:
+            # the same few peer sets recur for every room: keep one copy of each (a tombstone
+            # costs two ordered-dict entries, not new tuples too)
+            cache = self._peer_sets
+            if len(cache) > 1024:  # restarts make new sets: keep the cache small
+                cache.clear()
+            peers = cache.setdefault(peers, peers)
+        if room in retired_at:
+            del retired_at[room]  # an id retired again goes to the back: the order stays by age
+        retired[room] = peers
         retired_at[room] = self._clock
-        retired_at.move_to_end(room)  # an id retired again goes to the back: the order stays by age
         if len(retired) > RETIRED_MEMORY:
             oldest, _ = retired.popitem(last=False)
             retired_at.pop(oldest, None)

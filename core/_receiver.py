@@ -156,7 +156,8 @@ class Receiver(SenderLink, Endpoint):
         self._waiting_init.append(room)
         actions: list[Action] = []
         self._serve_waiting(now, actions)
-        self._fail_rooms_of_a_dead_peer(now, actions)
+        if self._dead_since is not None:
+            self._fail_rooms_of_a_dead_peer(now, actions)
         return actions
 
     def receive(self, message: Message, now: float, aux: AuxHeader | None = None, *, aux_error: str = "") -> list[Action]:

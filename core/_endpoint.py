@@ -8,7 +8,7 @@ hooks: ``_abandon`` (what a failed room owes its peers and its memory), ``_after
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import Any
 
 from embxfer.specs.tables import ABORT, FAIL, FAILED, NON_TERMINAL_STATES, TERMINAL_STATES, TIMEOUT, TRANSFERRING
@@ -51,16 +51,18 @@ class Endpoint:
         self._liveness = Liveness(settings)
         # finished room ids, with the (rank, incarnation) pairs they involved (sender side)
         self._retired: OrderedDict[int, tuple[tuple[int, int | None], ...]] = OrderedDict()
-        # when each was retired (the time of the last tick before): tombstones are bounded by
-        # count (RETIRED_MEMORY) and by age (max(retention, quarantine): no late message of
-        # the room can arrive later than that)
-        self._retired_at: OrderedDict[int, float] = OrderedDict()
-        self._clock = 0.0
+        # Tombstones are bounded by count (RETIRED_MEMORY) and by age (max(retention,
+        # quarantine): no late message of the room arrives later).  Ages are kept per batch,
+        # not per tombstone: each tick may add a mark (time, tombstones made so far); once a
+        # mark is old enough, every tombstone made before it goes.  Dropped counts those
+        # removed from the front (or, rarely, the middle) of ``_retired``.
+        self._retired_made = 0
+        self._retired_dropped = 0
+        self._retire_marks: deque[tuple[float, int]] = deque()
         self._peer_sets: dict[tuple[tuple[int, int | None], ...], tuple[tuple[int, int | None], ...]] = {}
-        # finished rooms not forgotten yet, oldest first, with the time they ended: one
-        # retention_timeout later a room nobody read is forgotten (no heap: FIFO order is
-        # deadline order, since the timeout is the same for every room)
-        self._finished: OrderedDict[int, float] = OrderedDict()
+        # finished rooms nobody reads are swept every retention_timeout / 4 (each record
+        # keeps when it ``ended``): no per-room bookkeeping on the hot path
+        self._next_sweep: float | None = None
 
     # -- queries -----------------------------------------------------------------------
     def poll(self, room: int) -> Poll:
@@ -101,10 +103,8 @@ class Endpoint:
         return self._deadlines.next_deadline()
 
     def next_retention_deadline(self) -> float | None:
-        """When the oldest finished, unread room is forgotten."""
-        for ended in self._finished.values():
-            return ended + self.settings.retention_timeout
-        return None
+        """When finished rooms are next checked for ``retention_timeout`` (None: none kept)."""
+        return self._next_sweep
 
     def metrics(self) -> dict[str, Any]:
         """Counters, gauges and histogram snapshots, as ``stats()`` on the facades shows them."""
@@ -127,7 +127,6 @@ class Endpoint:
         if record is None or record.state in TERMINAL_STATES:
             return []
         actions: list[Action] = []
-        self._clock = now
         self._fail(record, ABORT, reason or f"aborted by {self.role}", now, actions)
         return actions
 
@@ -145,7 +144,6 @@ class Endpoint:
         self._forget_record(record)
 
     def _forget_record(self, record: Any) -> None:
-        self._finished.pop(record.room, None)
         del self.rooms[record.room]
         self._retire(record.room)
 
@@ -164,32 +162,41 @@ class Endpoint:
             record.state = state
             if state in TERMINAL_STATES:
                 self._deadlines.clear(record.room)
-                self._finished[record.room] = now
+                record.ended = now
+                if self._next_sweep is None:
+                    self._next_sweep = now + self.settings.retention_timeout / 4
             else:
                 record.deadline = now + self._timeouts[state]
                 self._deadlines.set(record.room, record.deadline)
         return True
 
     def _expire_rooms(self, now: float, actions: list[Action]) -> None:
-        self._clock = now
         self._expire_tombstones(now)
+
         def expire(room: Any) -> None:
             record = self.rooms.get(room)
             if record is not None and record.state not in TERMINAL_STATES:
                 self._on_timeout(record, now, actions)
 
         self._deadlines.pop_expired(now, expire)
-        finished, retention = self._finished, self.settings.retention_timeout
-        while finished:
-            room, ended = next(iter(finished.items()))
-            if ended + retention > now:
-                break
-            del finished[room]
-            record = self.rooms.get(room)
-            if record is not None and record.state in TERMINAL_STATES:
-                self.stats["expired_unread"] += 1
-                self._forget_record(record)
-                actions.append(RoomExpired(room))
+        if self._next_sweep is not None and now >= self._next_sweep:
+            self._sweep_unread(now, actions)
+
+    def _sweep_unread(self, now: float, actions: list[Action]) -> None:
+        """Forget finished rooms nobody read within ``retention_timeout``."""
+        retention = self.settings.retention_timeout
+        expired, kept = [], False
+        for record in self.rooms.values():
+            if record.state in TERMINAL_STATES:
+                if record.ended + retention <= now:
+                    expired.append(record)
+                else:
+                    kept = True
+        for record in expired:
+            self.stats["expired_unread"] += 1
+            self._forget_record(record)
+            actions.append(RoomExpired(record.room))
+        self._next_sweep = now + retention / 4 if kept else None
 
     def _on_timeout(self, record: Any, now: float, actions: list[Action]) -> None:
         self._fail(record, TIMEOUT, f"timeout in state {record.state}", now, actions)
@@ -200,7 +207,9 @@ class Endpoint:
         assert record.state == FAILED
         record.reason = reason
         self._deadlines.clear(record.room)
-        self._finished[record.room] = now
+        record.ended = now
+        if self._next_sweep is None:
+            self._next_sweep = now + self.settings.retention_timeout / 4
         self.stats["rooms_failed"] += 1
         self.stats[f"failed:{trigger}"] += 1
         self._abandon(record, reason[:REASON_BYTES], now, actions, **options)
@@ -219,7 +228,7 @@ class Endpoint:
 
     # -- retired ids -------------------------------------------------------------------
     def _retire(self, room: int, peers: tuple[tuple[int, int | None], ...] = ()) -> None:
-        retired, retired_at = self._retired, self._retired_at
+        retired = self._retired
         if peers:
             # the same few peer sets recur for every room: keep one copy of each (a tombstone
             # costs two ordered-dict entries, not new tuples too)
@@ -227,28 +236,33 @@ class Endpoint:
             if len(cache) > 1024:  # restarts make new sets: keep the cache small
                 cache.clear()
             peers = cache.setdefault(peers, peers)
-        if room in retired_at:
-            del retired_at[room]  # an id retired again goes to the back: the order stays by age
+        if room not in retired:
+            self._retired_made += 1
         retired[room] = peers
-        retired_at[room] = self._clock
         if len(retired) > RETIRED_MEMORY:
-            oldest, _ = retired.popitem(last=False)
-            retired_at.pop(oldest, None)
+            self._drop_oldest_tombstone()
+
+    def _drop_oldest_tombstone(self) -> None:
+        room, _ = self._retired.popitem(last=False)
+        self._retired_dropped += 1
+        self._forget_tombstone(room)
 
     def _unretire(self, room: int) -> None:
-        self._retired_at.pop(room, None)
-        self._forget_tombstone(room)
+        if room in self._retired:
+            del self._retired[room]
+            self._retired_dropped += 1  # (from the middle: an older tombstone may stay a mark longer)
+            self._forget_tombstone(room)
 
     def _expire_tombstones(self, now: float) -> None:
         settings = self.settings
-        horizon = now - max(settings.retention_timeout, settings.quarantine_timeout)
-        retired_at = self._retired_at
-        while retired_at:
-            room, at = next(iter(retired_at.items()))
-            if at > horizon:
-                return
-            del retired_at[room]
-            self._forget_tombstone(room)
+        age = max(settings.retention_timeout, settings.quarantine_timeout)
+        marks = self._retire_marks
+        if not marks or now - marks[-1][0] >= age / 8:
+            marks.append((now, self._retired_made))
+        while marks and marks[0][0] <= now - age:
+            _, made_before = marks.popleft()
+            while self._retired_dropped < made_before and self._retired:
+                self._drop_oldest_tombstone()
 
     def _forget_tombstone(self, room: int) -> None:
-        self._retired.pop(room, None)
+        """A tombstone went (a role may keep more about it)."""

@@ -58,6 +58,7 @@ class _ReceiverRoom:
     reason: str = ""
     rounds: int = 0
     started: float = 0.0  # ``now`` at init: latency histograms
+    ended: float = 0.0  # ``now`` when it ended: retention of unread rooms
 
     @property
     def total_tokens(self) -> int | None:
@@ -147,7 +148,6 @@ class Receiver(SenderLink, Endpoint):
         """Start receiving ``room``: allocate the default guess (or wait for it) and send init."""
         if type(room) is not int or not 0 <= room <= U64_MAX:
             check_room(room)  # the typed error; inlined test: this is the hot path
-        self._clock = now
         if room in self.rooms or room in self._retired:
             raise LocalProtocolError(f"room {room} was already initialised", field="room")
         record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout, started=now)
@@ -163,7 +163,6 @@ class Receiver(SenderLink, Endpoint):
     def receive(self, message: Message, now: float, aux: AuxHeader | None = None, *, aux_error: str = "") -> list[Action]:
         """A control message from the sender.  For round 0's ``Status`` pass the aux header
         read from the aux record of ``aux_block(room)`` (or why it could not be read)."""
-        self._clock = now
         if isinstance(message, Registered):
             return self._on_registered(message, now)
         if not isinstance(message, Heartbeat):

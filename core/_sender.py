@@ -57,6 +57,7 @@ class _SenderRoom:
     rounds_written: int = 0
     forget_requested: bool = False
     started: float = 0.0  # ``now`` when the room opened: latency histograms
+    ended: float = 0.0  # ``now`` when it ended: retention of unread rooms
     source_held: bool = True  # the I/O layer still holds the rows (released once, never early)
 
 
@@ -90,7 +91,6 @@ class Sender(ReceiverRanks, Endpoint):
         """The embedding of ``room`` is ready: ``total_tokens`` rows (the I/O layer holds them)."""
         if type(room) is not int or not 0 <= room <= U64_MAX:
             check_room(room)  # the typed error; inlined test: this is the hot path
-        self._clock = now
         try:
             aux = AuxHeader(room, total_tokens, mrope_position_delta, self.settings.hidden_size, self.settings.dtype)
         except InvalidField as error:
@@ -118,7 +118,6 @@ class Sender(ReceiverRanks, Endpoint):
 
     def receive(self, message: Message, now: float) -> list[Action]:
         """A control message from a receiver rank."""
-        self._clock = now
         if isinstance(message, Register):
             return self._on_register(message, now)
         if isinstance(message, Heartbeat):
@@ -144,7 +143,6 @@ class Sender(ReceiverRanks, Endpoint):
 
     def write_done(self, room: int, rank: int, round: int, now: float, error: str | None = None) -> list[Action]:
         """The data plane finished the write of ``round`` to ``rank``; ``error`` when it failed."""
-        self._clock = now  # a room whose forget waited for this write is retired now
         record = self.rooms.get(room)
         dest = record.destinations.get(rank) if record is not None else None
         if record is None or dest is None or not dest.writing or dest.round != round:
@@ -184,7 +182,6 @@ class Sender(ReceiverRanks, Endpoint):
         return actions
 
     def _forget_record(self, record: Any) -> None:
-        self._finished.pop(record.room, None)
         record.forget_requested = True
         self._maybe_retire(record)
 
@@ -289,7 +286,6 @@ class Sender(ReceiverRanks, Endpoint):
         if record is None:
             # an abort that overtook the room's init: remember the room so a late init can
             # never start writing blocks the receiver frees on our ack
-            self._clock = now
             self._retire(message.room, ((message.rank, self._liveness.incarnation(message.rank)),))
         elif record.state not in TERMINAL_STATES:
             self._fail(record, ABORT, f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)

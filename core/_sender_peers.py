@@ -27,9 +27,7 @@ class ReceiverRanks:
     _layouts: dict[int, PoolLayout]
     _liveness: Liveness
     _retired: Any
-    _finished: Any
     _early_aborts: Any
-    _clock: float
 
     if TYPE_CHECKING:  # provided by Endpoint, which comes after this mixin in Sender's bases
         def _fail(self, record: Any, trigger: str, reason: str, now: float, actions: list[Action],
@@ -105,7 +103,6 @@ class ReceiverRanks:
         tombstone: its init, whenever it comes, is answered with this abort, and a later
         ``send`` is dropped -- an abort is final whatever the order of arrival."""
         check_room(room)
-        self._clock = now  # the tombstone's age counts from now
         if self._lookup(room) is None and not self._is_retired(room):
             self._retire(room)
             self._early_aborts[room] = (reason or "aborted by sender")[:REASON_BYTES]
@@ -139,7 +136,6 @@ class ReceiverRanks:
             and all(self._liveness.incarnation(d.rank) != d.incarnation for d in record.destinations.values())
         ):
             del self.rooms[room]
-            self._finished.pop(room, None)  # its id starts over: so does its retention
             return None
         return record
 

@@ -22,10 +22,12 @@ from .clone import OBSERVATIONS, _is_frozen, _slot_names
 IDENTITY_IGNORES = OBSERVATIONS | {"deadline"}
 # The liveness clock readings: inert while every heartbeat and silence limit lies at or past
 # the time horizon (``Config.liveness_inert``), and then left out of identity too.
-# The end times of finished rooms and tombstones (``_finished``, ``_retired_at``, ``_clock``)
-# are clocks of the same kind: they only matter once ``retention_timeout`` passes, which
-# ``checker_settings`` puts past the horizon.
-LIVENESS_CLOCKS = frozenset({"heard", "next_heartbeat", "_finished", "_retired_at", "_clock"})
+# When rooms ended and the tombstones' age marks and counts are clocks of the same kind:
+# they only matter once ``retention_timeout`` passes, which ``checker_settings`` puts past
+# the horizon.
+LIVENESS_CLOCKS = frozenset({
+    "heard", "next_heartbeat", "ended", "_next_sweep", "_retire_marks", "_retired_made", "_retired_dropped",
+})
 
 Canonical = Callable[[Any], Hashable]
 _MISSING = ("missing",)  # the form of a slot left unset

@@ -59,7 +59,6 @@ class Endpoint:
         self._retired_made = 0
         self._retired_dropped = 0
         self._retire_marks: deque[tuple[float, int]] = deque()
-        self._peer_sets: dict[tuple[tuple[int, int | None], ...], tuple[tuple[int, int | None], ...]] = {}
         # finished rooms nobody reads are swept every retention_timeout / 4 (each record
         # keeps when it ``ended``): no per-room bookkeeping on the hot path
         self._next_sweep: float | None = None
@@ -144,8 +143,15 @@ class Endpoint:
         self._forget_record(record)
 
     def _forget_record(self, record: Any) -> None:
-        del self.rooms[record.room]
-        self._retire(record.room)
+        room = record.room
+        del self.rooms[room]
+        # _retire(room), inlined: this is the hot path
+        retired = self._retired
+        if room not in retired:
+            self._retired_made += 1
+        retired[room] = ()
+        if len(retired) > RETIRED_MEMORY:
+            self._drop_oldest_tombstone()
 
     # -- stepping rooms ----------------------------------------------------------------
     def _step(self, record: Any, trigger: str, now: float, actions: list[Action]) -> bool:
@@ -229,13 +235,6 @@ class Endpoint:
     # -- retired ids -------------------------------------------------------------------
     def _retire(self, room: int, peers: tuple[tuple[int, int | None], ...] = ()) -> None:
         retired = self._retired
-        if peers:
-            # the same few peer sets recur for every room: keep one copy of each (a tombstone
-            # costs two ordered-dict entries, not new tuples too)
-            cache = self._peer_sets
-            if len(cache) > 1024:  # restarts make new sets: keep the cache small
-                cache.clear()
-            peers = cache.setdefault(peers, peers)
         if room not in retired:
             self._retired_made += 1
         retired[room] = peers

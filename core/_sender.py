@@ -61,6 +61,20 @@ class _SenderRoom:
     source_held: bool = True  # the I/O layer still holds the rows (released once, never early)
 
 
+def _any_writing(destinations: dict[int, _Destination]) -> bool:
+    for dest in destinations.values():  # a loop, not any(generator): this is the hot path
+        if dest.writing:
+            return True
+    return False
+
+
+def _all_done(destinations: dict[int, _Destination]) -> bool:
+    for dest in destinations.values():
+        if not dest.done:
+            return False
+    return True
+
+
 class Sender(ReceiverRanks, Endpoint):
     role = "sender"
 
@@ -74,6 +88,8 @@ class Sender(ReceiverRanks, Endpoint):
         # rooms aborted here before any receiver asked for them, with the reason their
         # late init is answered with (bounded like every tombstone)
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
+        self._peer_sets: dict[tuple[tuple[int, int | None], ...], tuple[tuple[int, int | None], ...]] = {}
+        self._single_peer_sets: dict[int, tuple[tuple[int, int | None], ...]] = {}
 
     # -- queries -----------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -168,7 +184,7 @@ class Sender(ReceiverRanks, Endpoint):
         self.stats["bytes_rows_written"] += written
         if dest.sent_tokens == record.aux.total_tokens:
             dest.done = True
-        if all(d.done for d in record.destinations.values()):
+        if _all_done(record.destinations):
             if self._step(record, ROWS_COMPLETE, now, actions):
                 self._finish(record, now, actions)
         else:
@@ -349,16 +365,19 @@ class Sender(ReceiverRanks, Endpoint):
     def _finish(self, record: _SenderRoom, now: float, actions: list[Action]) -> None:
         assert record.state == SUCCESS and record.aux is not None
         self.stats["rooms_succeeded"] += 1
-        self.histograms["transfer_seconds"].observe(now - record.started)
+        histograms = self.histograms
+        histograms["transfer_seconds"].observe(now - record.started)
+        last_round = 0
         for dest in record.destinations.values():
-            self.histograms["resume_rounds"].observe(dest.round)
-        self.histograms["room_tokens"].observe(record.aux.total_tokens)
+            histograms["resume_rounds"].observe(dest.round)
+            last_round = max(last_round, dest.round)
+        histograms["room_tokens"].observe(record.aux.total_tokens)
         self._release_source_when_idle(record, actions)
-        actions.append(RoomFinished(record.room, Poll.Success, round=max(d.round for d in record.destinations.values())))
+        actions.append(RoomFinished(record.room, Poll.Success, round=last_round))
 
     def _release_source_when_idle(self, record: _SenderRoom, actions: list[Action]) -> None:
         """Release the source rows once, and only when no write still reads them."""
-        if record.source_held and not any(d.writing for d in record.destinations.values()):
+        if record.source_held and not _any_writing(record.destinations):
             record.source_held = False
             actions.append(ReleaseSource(record.room))
 
@@ -374,7 +393,7 @@ class Sender(ReceiverRanks, Endpoint):
     def _maybe_retire(self, record: _SenderRoom) -> None:
         if not record.forget_requested:
             return
-        if any(d.writing for d in record.destinations.values()):
+        if _any_writing(record.destinations):
             return  # keep it until its writes land, so their completions find it
         self.rooms.pop(record.room, None)
-        self._retire(record.room, tuple((d.rank, d.incarnation) for d in record.destinations.values()))
+        self._retire(record.room, self._peer_set(record.destinations))

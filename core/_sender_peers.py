@@ -28,6 +28,8 @@ class ReceiverRanks:
     _liveness: Liveness
     _retired: Any
     _early_aborts: Any
+    _peer_sets: dict[tuple[tuple[int, int | None], ...], tuple[tuple[int, int | None], ...]]
+    _single_peer_sets: dict[int, tuple[tuple[int, int | None], ...]]
 
     if TYPE_CHECKING:  # provided by Endpoint, which comes after this mixin in Sender's bases
         def _fail(self, record: Any, trigger: str, reason: str, now: float, actions: list[Action],
@@ -125,6 +127,22 @@ class ReceiverRanks:
             self._unretire(room)  # every peer it involved has restarted since
             return False
         return True
+
+    def _peer_set(self, destinations: dict[int, Any]) -> tuple[tuple[int, int | None], ...]:
+        """The room's (rank, incarnation) pairs for its tombstone.  The same few sets recur
+        for every room: one shared copy of each, so a tombstone costs no new tuples."""
+        if len(destinations) == 1:
+            for dest in destinations.values():
+                peers = self._single_peer_sets.get(dest.rank)
+                if peers is None or peers[0][1] != dest.incarnation:
+                    if len(self._single_peer_sets) > 1024:  # restarts make new sets: keep it small
+                        self._single_peer_sets.clear()
+                    peers = self._single_peer_sets[dest.rank] = ((dest.rank, dest.incarnation),)
+                return peers
+        peers = tuple([(d.rank, d.incarnation) for d in destinations.values()])
+        if len(self._peer_sets) > 1024:
+            self._peer_sets.clear()
+        return self._peer_sets.setdefault(peers, peers)
 
     def _lookup(self, room: int) -> Any | None:
         """The room's record, unless it is a finished room of receivers that have all

@@ -13,10 +13,11 @@ class Deadlines:
         self._serial = 0
 
     def set(self, key: Hashable, deadline: float) -> None:
-        self._serial += 1
-        self._current[key] = (deadline, self._serial)
-        heapq.heappush(self._heap, (deadline, self._serial, key))
-        if len(self._heap) > 2 * len(self._current) + 64:
+        serial = self._serial = self._serial + 1
+        self._current[key] = (deadline, serial)
+        heap = self._heap
+        heapq.heappush(heap, (deadline, serial, key))
+        if len(heap) > 2 * len(self._current) + 64:
             # stale entries outnumber live ones: rebuild so memory tracks live rooms
             self._heap = [(d, s, k) for k, (d, s) in self._current.items()]
             heapq.heapify(self._heap)

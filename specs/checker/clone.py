@@ -24,8 +24,8 @@ from embxfer.core._machine import RoomMachine
 # state's identity -- merging states that differ only in their history -- and shared rather
 # than copied between states.  A field not named here is part of the state: a new field is
 # included by default (finer, never unsound).  Name a new history-only field here.
-# ``_peer_sets`` is a cache of immutable tuples (never steers, safe to share).
-OBSERVATIONS = frozenset({"stats", "histograms", "reason", "rounds", "rounds_written", "started", "_peer_sets"})
+# ``_peer_sets``/``_single_peer_sets`` cache immutable tuples (never steer, safe to share).
+OBSERVATIONS = frozenset({"stats", "histograms", "reason", "rounds", "rounds_written", "started", "_peer_sets", "_single_peer_sets"})
 
 
 # -- cloning -------------------------------------------------------------------------------

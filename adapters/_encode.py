@@ -43,8 +43,9 @@ class EncodeServer(_Runtime):
     def __init__(self, settings: Settings, *, host: str = "127.0.0.1", bootstrap_port: int = 0,
                  protocol: str = "tcp", device: str = "",
                  data_for_room: Callable[[int], EmbeddingData | None] | None = None,
-                 verbose: bool = False, engine: MooncakeEngine | None = None, forget_finished: bool = False) -> None:
-        super().__init__(settings, "encode")
+                 verbose: bool = False, engine: MooncakeEngine | None = None, forget_finished: bool = False,
+                 lock: Any = None) -> None:
+        super().__init__(settings, "encode", lock)
         # a server nobody polls (serve-encode) forgets each room once it ends, so a
         # long-running process holds records only for rooms in flight
         self.forget_finished = forget_finished

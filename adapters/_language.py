@@ -24,12 +24,17 @@ class LanguageClient(_Runtime):
 
     def __init__(self, settings: Settings, bootstrap_addr: str, *, rank: int = 0, required_dst_info_num: int = 1,
                  protocol: str = "tcp", device: str = "", host: str = "127.0.0.1", verbose: bool = False,
-                 engine: MooncakeEngine | None = None, connect_timeout: float | None = None) -> None:
-        super().__init__(settings, f"language{rank}")
+                 engine: MooncakeEngine | None = None, connect_timeout: float | None = None,
+                 rows: RowSink | None = None, allocator: Any = None, lock: Any = None) -> None:
+        """``rows``, ``allocator`` and ``lock`` shared by several clients (one per encode
+        server) make them one pool; its Mooncake registration is then the caller's (pass
+        the ``engine`` it registered the pool with)."""
+        super().__init__(settings, f"language{rank}", lock)
         self.endpoint = Receiver(settings, rank=rank, required_dst_info_num=required_dst_info_num,
-                                 incarnation=new_incarnation())
+                                 incarnation=new_incarnation(), allocator=allocator)
         self.rank = rank
-        self.rows = RowSink(settings)
+        shared_pool = rows is not None
+        self.rows = rows if rows is not None else RowSink(settings)
         self.buffers = self.rows.buffers
         self.engine: MooncakeEngine | None = None
         self.data_receiver: ZmqPoolReceiver | None = None
@@ -41,7 +46,8 @@ class LanguageClient(_Runtime):
             session_id, addresses = self.data_receiver.session_id, pool_extent(self.buffers)
         else:
             self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
-            register_pool(self.engine, self.buffers)
+            if not shared_pool:
+                register_pool(self.engine, self.buffers)
             session_id, addresses = self.engine.session_id, pool_addresses(self.buffers)
         self.bootstrap_addr = bootstrap_addr
         self._layout = self.endpoint.pool_layout_message(**addresses)  # sent after every Register (a restarted encode side needs it too)
@@ -68,9 +74,20 @@ class LanguageClient(_Runtime):
     def allocator(self) -> Any:
         return self.endpoint.allocator
 
-    def init(self, room: int) -> None:
+    def init(self, room: int, allocation: Any = None) -> None:
+        """Start ``room``; with ``allocation`` (from ``allocator``) it is scheduler-driven."""
         with self.lock:
-            self._hand_over(self.endpoint.init(room, time.monotonic()))
+            self._hand_over(self.endpoint.init(room, time.monotonic(), allocation))
+
+    def resume(self, room: int, allocation: Any, sent_tokens: int) -> None:
+        """The next round of a scheduler-driven room, into the application's ``allocation``."""
+        with self.lock:
+            self._hand_over(self.endpoint.resume(room, allocation, sent_tokens, time.monotonic()))
+
+    def cancel(self, room: int, reason: str) -> None:
+        """Give up a room before its init: the encode side is told."""
+        with self.lock:
+            self._hand_over(self.endpoint.cancel(room, time.monotonic(), reason))
 
     def take(self, room: int) -> EmbeddingData:
         with self.lock:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from embxfer.core import (
-    Action, DecodeError, Heartbeat, LocalProtocolError, Poll, Receiver, ReleaseSource, RoomFailedError, SendMessage,
+    Action, DecodeError, Heartbeat, LocalProtocolError, Poll, Receiver, Register, ReleaseSource, RoomFailedError, SendMessage,
     Sender, Settings, WriteRows, check_room, decode, encode,
 )
 from embxfer.transports.buffers import EmbeddingData, SourceRows
@@ -70,6 +70,11 @@ class _Handle:
     def _forgotten(self, room: int) -> None:
         pass
 
+    def forget_if_finished(self, room: int) -> None:
+        """``clear`` a room that has ended; nothing for one that has not (or is unknown)."""
+        if self.endpoint.is_finished(room):
+            self.clear(room)
+
     def _on_tick(self, now: float) -> None:
         self._run(self.endpoint.tick(now))
 
@@ -82,15 +87,16 @@ class _Handle:
 
 
 class SenderHandle(_Handle):
-    """The encode side: ``send(room, data)`` and the write path."""
+    """The encode side: ``send(room, data)`` and the write path.  Receiver ranks are the
+    network nodes that registered them (``rank_nodes``)."""
 
-    name = SENDER
-
-    def __init__(self, link: "LoopbackLink") -> None:
+    def __init__(self, link: Any, name: str = SENDER) -> None:
         super().__init__(link)
+        self.name = name
         self.endpoint = Sender(link.settings)
         self.sources: dict[int, SourceRows] = {}
-        self.network.attach(SENDER, self._on_packet, self._on_tick)
+        self.rank_nodes: dict[int, str] = {}
+        self.network.attach(name, self._on_packet, self._on_tick)
 
     def send(self, room: int, data: EmbeddingData) -> None:
         check_room(room)
@@ -114,6 +120,8 @@ class SenderHandle(_Handle):
         message = self._decode(packet)
         if message is None:
             return
+        if isinstance(message, Register):
+            self.rank_nodes[message.rank] = packet.src  # where this rank's messages and writes go
         self._run(self.endpoint.receive(message, self.network.now))
 
     def _on_write_done(self, packet: Packet, error: str | None) -> None:
@@ -122,14 +130,21 @@ class SenderHandle(_Handle):
 
     def _execute(self, action: Action) -> list[Action] | None:
         if isinstance(action, WriteRows):
-            self.network.submit_write(SENDER, receiver_name(action.rank), action)
+            self.network.submit_write(self.name, self._node(action.rank), action)
         elif isinstance(action, SendMessage):
             assert action.rank is not None
-            self.network.send(SENDER, receiver_name(action.rank), encode(action.message),
+            self.network.send(self.name, self._node(action.rank), encode(action.message),
                               keepalive=isinstance(action.message, Heartbeat))
         elif isinstance(action, ReleaseSource):
             self.sources.pop(action.room, None)
         return None
+
+    def sources_held(self) -> int:
+        """Rooms whose source rows are still held (0 once every room has ended)."""
+        return len(self.sources)
+
+    def _node(self, rank: int) -> str:
+        return self.rank_nodes.get(rank, receiver_name(rank))
 
     def land(self, write: WriteRows, receiver: "ReceiverHandle") -> str | None:
         """Copy a write's rows into the receiver's pool, as a one-sided (RDMA) write would:
@@ -152,14 +167,17 @@ class SenderHandle(_Handle):
 
 
 class ReceiverHandle(_Handle):
-    """The language side: ``init``, ``poll``, ``take`` and the pool."""
+    """The language side: ``init``, ``poll``, ``take`` and the pool.  Several handles (one
+    per encode server) may share one pool: pass the same ``rows`` and ``allocator``."""
 
-    def __init__(self, link: "LoopbackLink", rank: int, required: int) -> None:
+    def __init__(self, link: Any, rank: int, required: int, *, name: str | None = None, sender: str = SENDER,
+                 rows: RowSink | None = None, allocator: Any = None) -> None:
         super().__init__(link)
         self.rank = rank
-        self.name = receiver_name(rank)
-        self.endpoint = Receiver(link.settings, rank=rank, required_dst_info_num=required)
-        self.rows = RowSink(link.settings)
+        self.name = name or receiver_name(rank)
+        self.sender_name = sender
+        self.endpoint = Receiver(link.settings, rank=rank, required_dst_info_num=required, allocator=allocator)
+        self.rows = rows if rows is not None else RowSink(link.settings)
         self.buffers = self.rows.buffers
         self.network.attach(self.name, self._on_packet, self._on_tick)
 
@@ -172,12 +190,21 @@ class ReceiverHandle(_Handle):
 
     def connect(self) -> None:
         """Register with the sender; the link is up, so both hops are delivered at once."""
-        self.network.send(self.name, SENDER, encode(self.endpoint.register_message(endpoint=self.name)))
+        self.network.send(self.name, self.sender_name, encode(self.endpoint.register_message(endpoint=self.name)))
         self.network.deliver(len(self.network.pending) - 1)
         self.network.deliver(len(self.network.pending) - 1)  # the sender's Registered
 
-    def init(self, room: int) -> None:
-        self._run(self.endpoint.init(room, self.network.now))
+    def init(self, room: int, allocation: Any = None) -> None:
+        """Start ``room``; with ``allocation`` (from ``allocator``) it is scheduler-driven."""
+        self._run(self.endpoint.init(room, self.network.now, allocation))
+
+    def cancel(self, room: int, reason: str) -> None:
+        """Give up a room before its init: the sender is told."""
+        self._run(self.endpoint.cancel(room, self.network.now, reason))
+
+    def resume(self, room: int, allocation: Any, sent_tokens: int) -> None:
+        """The next round of a scheduler-driven room, into the application's ``allocation``."""
+        self._run(self.endpoint.resume(room, allocation, sent_tokens, self.network.now))
 
     def take(self, room: int) -> EmbeddingData:
         """The room's rows, exactly as sent; the room is forgotten afterwards."""
@@ -192,7 +219,8 @@ class ReceiverHandle(_Handle):
 
     def _execute(self, action: Action) -> list[Action] | None:
         if isinstance(action, SendMessage):
-            self.network.send(self.name, SENDER, encode(action.message), keepalive=isinstance(action.message, Heartbeat))
+            self.network.send(self.name, self.sender_name, encode(action.message),
+                              keepalive=isinstance(action.message, Heartbeat))
         else:
             self.rows.execute(action)
         return None

@@ -9,18 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from embxfer.core import (
-    Action, AuxHeader, CollectRows, LocalProtocolError, Poll, ProtocolError, RoomExpired, RoomFinished, Settings,
-    Status,
+    Action, AuxHeader, CollectRows, LocalProtocolError, Poll, ProtocolError, RoomExpired, RoomFinished, RowsLanded,
+    Settings, Status,
 )
 from embxfer.transports.buffers import Assembly, EmbeddingData, PoolBuffers
 
 
 class RowSink:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, buffers: PoolBuffers | None = None) -> None:
         self.settings = settings
-        self.buffers = PoolBuffers(settings)
+        self.buffers = buffers if buffers is not None else PoolBuffers(settings)
         self.assemblies: dict[int, Assembly] = {}
         self.results: dict[int, EmbeddingData] = {}
+        # scheduler-driven rooms: the last round landed in each application allocation (by id)
+        self.landed: dict[int, RowsLanded] = {}
 
     def aux_for(self, endpoint: Any, message: Any) -> tuple[AuxHeader | None, str]:
         """Round 0's aux header, read from the room's aux record (or why it could not be)."""
@@ -34,7 +36,7 @@ class RowSink:
             return None, str(error)
 
     def execute(self, action: Action) -> bool:
-        """Move rows for ``CollectRows`` / ``RoomFinished``; False for any other action."""
+        """Move rows for ``CollectRows`` / ``RoomFinished`` (note ``RowsLanded``); False for any other action."""
         if isinstance(action, CollectRows):
             assembly = self.assemblies.get(action.room)
             if assembly is None:
@@ -42,6 +44,9 @@ class RowSink:
             assembly.collect(self.buffers, action.runs, action.sent_tokens)
             if action.round == 0:
                 self.buffers.clear_aux(action.allocation.extents[0][0])
+            return True
+        if isinstance(action, RowsLanded):
+            self.landed[action.allocation.id] = action  # the application reads the rows where they lie
             return True
         if isinstance(action, RoomExpired):  # nobody read it within retention_timeout
             self.assemblies.pop(action.room, None)

@@ -34,10 +34,11 @@ class _Runtime:
     endpoint: Any
     socket: zmq.Socket
 
-    def __init__(self, settings: Settings, name: str) -> None:
+    def __init__(self, settings: Settings, name: str, lock: Any = None) -> None:
         self.settings = settings
         self.name = name
-        self.lock = threading.RLock()
+        # one lock orders every input of the endpoint; runtimes that share a pool share it
+        self.lock = lock if lock is not None else threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.context = zmq.Context()
         self.counters: Counter[str] = Counter()
@@ -150,6 +151,15 @@ class _Runtime:
         with self.lock:
             kwargs = {"reason": reason} if reason else {}
             self._hand_over(self.endpoint.abort(room, time.monotonic(), **kwargs))
+
+    def forget_if_finished(self, room: int) -> None:
+        """``forget`` a room that has ended; nothing for one that has not (or is unknown)."""
+        with self.lock:
+            if self.endpoint.is_finished(room):
+                self.forget(room)
+
+    def forget(self, room: int) -> None:
+        raise NotImplementedError
 
     def wait(self, room: int, timeout: float | None = None) -> Poll:
         """Block until ``room`` is Success or Failed (or ``timeout`` passes); returns its Poll."""

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--fork", action="store_true",
+                      help="run the SGLang fork's own scheduler loops (re-created) over embxfer: two encode "
+                           "servers, one language pool (--rooms requests)")
 
     encode = commands.add_parser("serve-encode", help="run the encode side (sender) until Ctrl-C")
     encode.add_argument("--bootstrap-port", type=int, default=8001, help="0 picks a free port (printed)")
@@ -194,6 +197,8 @@ def _diagram(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.fork:
+        return _fork_demo(args)
     settings = Settings.from_env(
         pool_blocks=args.pool_blocks, hidden_size=args.hidden_size, dtype=args.dtype,
         **({"data_plane": args.transport} if args.transport != "loopback" else {}),
@@ -209,6 +214,25 @@ def _demo(args: argparse.Namespace) -> int:
         _print_summary(summary)
     ok = not (summary["failed"] or summary["wrong_rows"] or summary["leaked_blocks"] or summary["protocol_violations"])
     return 0 if ok else 1
+
+
+def _fork_demo(args: argparse.Namespace) -> int:
+    from embxfer.adapters.sglang.deployment import environment, run_fork_demo
+
+    plane = {} if args.transport == "loopback" else {"EMBXFER_DATA_PLANE": args.transport}
+    with environment(**plane):
+        summary = run_fork_demo("loopback" if args.transport == "loopback" else "wires", args.rooms, args.seed)
+    summary["transport"] = args.transport
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(f"embxfer demo --fork — the SGLang fork's queue loops, transport {args.transport}, "
+              f"2 encode servers into 1 language pool")
+        print(f"  requests     {summary['requests']}: {summary['exact']} prefilled with exactly their rows")
+        print(f"  tokens       {summary['tokens']} in {summary['seconds']:.3f} s")
+        print(f"  left over    {summary['leftovers'] or 'nothing (every block back, every record forgotten)'}")
+        print(f"  result       {'OK' if summary['ok'] else 'FAILED'}")
+    return 0 if summary["ok"] else 1
 
 
 def run_loopback_workload(settings: Settings, rooms: int, in_flight: int, receivers: int, seed: int) -> dict[str, Any]:

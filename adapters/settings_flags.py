@@ -60,6 +60,8 @@ SETTINGS_FLAGS: tuple[SettingsFlag, ...] = (
                  help="seconds a new room waits for a dead encode server's successor (EMBXFER_DEAD_PEER_GRACE)"),
     SettingsFlag("--retention-timeout", "retention_timeout", float,
                  help="seconds a finished room nobody reads is kept (EMBXFER_RETENTION_TIMEOUT)"),
+    SettingsFlag("--admission-timeout", "admission_timeout", float,
+                 help="seconds a scheduler-driven request may wait for blocks before its init (EMBXFER_ADMISSION_TIMEOUT)"),
     SettingsFlag("--prealloc", "prealloc", choices=("fixed", "adaptive"),
                  help="a room's first allocation: fixed (default_blocks) or adaptive (EMBXFER_PREALLOC)"),
 )

@@ -7,7 +7,9 @@ lives here; a driver moves bytes and calls these endpoints, and builds no messag
 every message it sends).
 """
 
-from ._actions import Action, CollectRows, Poll, ReleaseSource, RoomExpired, RoomFinished, SendMessage, WriteRows
+from ._actions import (
+    Action, CollectRows, Poll, ReleaseSource, RoomExpired, RoomFinished, RowsLanded, SendMessage, WriteRows,
+)
 from ._allocator import Allocation, Allocator
 from ._codec import decode, encode
 from ._endpoint import check_room
@@ -32,7 +34,7 @@ from ._settings import Settings
 
 __all__ = [
     # endpoints and what they ask of their driver
-    "Sender", "Receiver", "Poll", "Action", "SendMessage", "WriteRows", "ReleaseSource", "CollectRows",
+    "Sender", "Receiver", "Poll", "Action", "SendMessage", "WriteRows", "ReleaseSource", "CollectRows", "RowsLanded",
     "RoomFinished", "RoomExpired", "Allocation", "Allocator", "check_room",
     # messages
     "Message", "Register", "Registered", "Init", "Resume", "Status", "Abort", "AbortAck", "Heartbeat",

@@ -78,6 +78,24 @@ class CollectRows:
 
 
 @attrs.frozen
+class RowsLanded:
+    """Receiver, scheduler-driven room: a round's ``num_tokens`` rows (tokens
+    ``sent_tokens ..``) are in ``allocation``, which is the application's again: it reads
+    them where they lie and frees the blocks (``Receiver.release``) when it is done."""
+
+    room: int
+    round: int
+    allocation: Allocation
+    sent_tokens: int
+    num_tokens: int
+    aux: AuxHeader
+
+    @property
+    def runs(self) -> list[tuple[int, int, int]]:
+        return slot_runs(self.allocation.extents, self.allocation.block_size, self.num_tokens)
+
+
+@attrs.frozen
 class RoomFinished:
     """A room reached a terminal state (``Poll.Success`` or ``Poll.Failed`` with a reason)."""
 
@@ -95,4 +113,4 @@ class RoomExpired:
     room: int
 
 
-Action = Union[SendMessage, WriteRows, ReleaseSource, CollectRows, RoomFinished, RoomExpired]
+Action = Union[SendMessage, WriteRows, ReleaseSource, CollectRows, RowsLanded, RoomFinished, RoomExpired]

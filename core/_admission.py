@@ -12,9 +12,24 @@ from embxfer.specs.tables import TERMINAL_STATES
 
 from ._actions import WriteRows
 from ._allocator import slot_runs
+from ._messages import AuxHeader
+from ._settings import Settings
 
 if TYPE_CHECKING:
     from ._receiver import Receiver
+
+
+def aux_problem(settings: Settings, room: int, aux: AuxHeader | None) -> str:
+    """Why round 0's aux header (read from the room's aux record) is not the room's ('' when it is)."""
+    if aux is None:
+        return "round 0 arrived without its aux header"
+    if aux.room != room:
+        return f"aux header belongs to room {aux.room}, not {room}"
+    if aux.hidden_size != settings.hidden_size:
+        return f"hidden_size mismatch: sender {aux.hidden_size}, receiver {settings.hidden_size}"
+    if aux.dtype != settings.dtype:
+        return f"dtype mismatch: sender {aux.dtype}, receiver {settings.dtype}"
+    return ""
 
 
 def outside_pool(receiver: "Receiver", write: WriteRows) -> str | None:

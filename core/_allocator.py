@@ -81,6 +81,17 @@ def slot_runs(extents: tuple[Extent, ...] | list[Extent], block_size: int, num_t
     return runs
 
 
+def leading_extents(extents: tuple[Extent, ...], num_blocks: int) -> tuple[Extent, ...]:
+    """The extents of the first ``num_blocks`` blocks of an allocation, in token order."""
+    leading: list[Extent] = []
+    for start, count in extents:
+        if num_blocks <= 0:
+            break
+        leading.append((start, min(count, num_blocks)))
+        num_blocks -= count
+    return tuple(leading)
+
+
 class Allocator:
     """Hands out and takes back blocks; never shares a slot between two live allocations."""
 
@@ -121,6 +132,10 @@ class Allocator:
     def owner_of_block(self, block: int) -> int | None:
         """The id of the live allocation holding ``block``, or None when it is free."""
         return self._block_owner[block]
+
+    def is_live(self, allocation: Allocation) -> bool:
+        """``allocation`` is one of this allocator's and has not been freed."""
+        return self._live.get(allocation.id) is allocation
 
     def owner_room(self, allocation_id: int) -> Hashable:
         """The owner tag (the room) of a live allocation."""

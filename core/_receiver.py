@@ -22,13 +22,14 @@ from embxfer.specs.tables import (
 )
 
 from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage, WriteRows
-from ._allocator import Allocation, Allocator
+from ._allocator import Allocation, Allocator, leading_extents
 from ._endpoint import Endpoint, check_room
 from ._errors import LocalProtocolError
 from ._messages import U64_MAX, Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Registered, Resume, Status
-from ._admission import outside_pool, write_problem
+from ._admission import aux_problem, outside_pool, write_problem
 from ._prealloc import prealloc_policy
 from ._receiver_peer import SenderLink
+from ._scheduled import ScheduledRounds
 from ._settings import Settings
 from ._timers import Deadlines
 
@@ -54,6 +55,7 @@ class _ReceiverRoom:
     aux: AuxHeader | None = None
     allocation: Allocation | None = None  # the current round's blocks, while they hold our slots
     requested: bool = False  # the current allocation was told to the sender
+    scheduled: bool = False  # the application allocates each round (``init(allocation=)``, ``resume``)
     told_sender: bool = False  # the sender knows this room (an init went out)
     reason: str = ""
     rounds: int = 0
@@ -65,16 +67,19 @@ class _ReceiverRoom:
         return self.aux.total_tokens if self.aux is not None else None
 
 
-class Receiver(SenderLink, Endpoint):
+class Receiver(ScheduledRounds, SenderLink, Endpoint):
     role = "receiver"
 
-    def __init__(self, settings: Settings, *, rank: int = 0, required_dst_info_num: int = 1, incarnation: int = 1) -> None:
+    def __init__(self, settings: Settings, *, rank: int = 0, required_dst_info_num: int = 1, incarnation: int = 1,
+                 allocator: Allocator | None = None) -> None:
+        """``allocator``: a pool shared with other receivers (one per encode server); by
+        default this receiver has its own."""
         if not 0 <= rank < required_dst_info_num:
             raise LocalProtocolError(f"rank {rank} is not below required_dst_info_num {required_dst_info_num}", field="rank")
         super().__init__(settings, incarnation)
         self.rank = rank
         self.required_dst_info_num = required_dst_info_num
-        self.allocator = Allocator(settings)
+        self.allocator = allocator if allocator is not None else Allocator(settings)
         self.prealloc = prealloc_policy(settings)
         self.rooms: dict[int, _ReceiverRoom] = {}
         self.peer_ready = False
@@ -87,6 +92,8 @@ class Receiver(SenderLink, Endpoint):
         self._waiting_resume: deque[int] = deque()  # rooms between rounds, holding no blocks
         self._quarantine: dict[int, _Quarantined] = {}
         self._quarantine_deadlines = Deadlines()
+        self._held_app_allocations: dict[int, int] = {}
+        self._release_pending: set[int] = set()
 
     # -- queries -----------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -144,13 +151,19 @@ class Receiver(SenderLink, Endpoint):
         return record.allocation.extents[0][0]
 
     # -- inputs ------------------------------------------------------------------------
-    def init(self, room: int, now: float) -> list[Action]:
-        """Start receiving ``room``: allocate the default guess (or wait for it) and send init."""
+    def init(self, room: int, now: float, allocation: Allocation | None = None) -> list[Action]:
+        """Start receiving ``room``: allocate the default guess (or wait for it) and send init.
+        With ``allocation`` (blocks the application took from ``allocator``) the room is
+        scheduler-driven: round 0 goes there, and each later round where ``resume`` says."""
         if type(room) is not int or not 0 <= room <= U64_MAX:
             check_room(room)  # the typed error; inlined test: this is the hot path
         if room in self.rooms or room in self._retired:
             raise LocalProtocolError(f"room {room} was already initialised", field="room")
         record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout, started=now)
+        if allocation is not None:
+            self._bind(allocation, room)
+            record.scheduled = True
+            record.allocation = allocation
         self.rooms[room] = record
         self._deadlines.set(room, record.deadline)
         self._waiting_init.append(room)
@@ -187,7 +200,7 @@ class Receiver(SenderLink, Endpoint):
             held = self._quarantine.pop(room, None)
             if held is not None:
                 self.stats["quarantine_expired"] += 1
-                self.allocator.free(held.allocation)
+                self._free_blocks_of(held.allocation)
 
         self._quarantine_deadlines.pop_expired(now, release)
         self._tick_peer(now, actions)
@@ -228,7 +241,7 @@ class Receiver(SenderLink, Endpoint):
         stats = self.stats
         capacity = allocation.capacity_tokens
         if message.round == 0:
-            problem = f"unreadable aux header: {aux_error}" if aux_error else self._check_aux(record.room, aux)
+            problem = f"unreadable aux header: {aux_error}" if aux_error else aux_problem(self.settings, record.room, aux)
             if problem:
                 self._fail(record, FAIL, problem, now, actions)
                 return actions
@@ -245,6 +258,9 @@ class Receiver(SenderLink, Endpoint):
                 record, FAIL,
                 f"round {message.round} wrote {message.written_tokens} tokens, expected {expected}", now, actions,
             )
+            return actions
+        if record.scheduled:
+            self._scheduled_round_landed(record, allocation, expected, now, actions)
             return actions
         # rows leave the pool before the blocks go back, and before anything reuses them
         collect = CollectRows(record.room, record.round, allocation, record.sent_tokens, expected, record.aux)
@@ -267,29 +283,22 @@ class Receiver(SenderLink, Endpoint):
         self.allocator.free(allocation)
         if not remaining:
             if self._step(record, ROUND_COMPLETE, now, actions):
-                stats["rooms_succeeded"] += 1
-                stats[f"resume_rounds:{record.rounds - 1}"] += 1
-                histograms = self.histograms
-                histograms["transfer_seconds"].observe(now - record.started)
-                histograms["resume_rounds"].observe(record.rounds - 1)
-                histograms["room_tokens"].observe(record.aux.total_tokens)
-                actions.append(RoomFinished(record.room, Poll.Success, round=record.round))
+                self._succeeded(record, now, actions)
         elif not pipelined and self._step(record, ROUND_PARTIAL, now, actions):
             record.round += 1
             self._waiting_resume.append(record.room)
         self._serve_waiting(now, actions)
         return actions
 
-    def _check_aux(self, room: int, aux: AuxHeader | None) -> str:
-        if aux is None:
-            return "round 0 arrived without its aux header"
-        if aux.room != room:
-            return f"aux header belongs to room {aux.room}, not {room}"
-        if aux.hidden_size != self.settings.hidden_size:
-            return f"hidden_size mismatch: sender {aux.hidden_size}, receiver {self.settings.hidden_size}"
-        if aux.dtype != self.settings.dtype:
-            return f"dtype mismatch: sender {aux.dtype}, receiver {self.settings.dtype}"
-        return ""
+    def _succeeded(self, record: _ReceiverRoom, now: float, actions: list[Action]) -> None:
+        assert record.aux is not None
+        self.stats["rooms_succeeded"] += 1
+        self.stats[f"resume_rounds:{record.rounds - 1}"] += 1
+        histograms = self.histograms
+        histograms["transfer_seconds"].observe(now - record.started)
+        histograms["resume_rounds"].observe(record.rounds - 1)
+        histograms["room_tokens"].observe(record.aux.total_tokens)
+        actions.append(RoomFinished(record.room, Poll.Success, round=record.round))
 
     def _on_abort(self, message: Abort, now: float) -> list[Action]:
         actions: list[Action] = []
@@ -329,7 +338,10 @@ class Receiver(SenderLink, Endpoint):
             if record is None or record.state != BOOTSTRAPPING:
                 self._waiting_init.popleft()
                 continue
-            allocation = allocator.alloc(self.prealloc.first_blocks(allocator.free_blocks) * allocator.block_size, owner=record.room)
+            allocation = record.allocation  # a scheduler-driven room brought its own
+            if allocation is None:
+                allocation = allocator.alloc(self.prealloc.first_blocks(allocator.free_blocks) * allocator.block_size,
+                                             owner=record.room)
             if allocation is None:
                 return  # first come, first served: nobody overtakes the head
             self._waiting_init.popleft()
@@ -342,18 +354,22 @@ class Receiver(SenderLink, Endpoint):
             )))
             self._step(record, INIT_SENT, now, actions)
 
-    def _grant_resume(self, record: _ReceiverRoom, now: float, actions: list[Action]) -> None:
-        """Give a room between rounds whatever free blocks its rest needs and ask for it."""
+    def _grant_resume(self, record: _ReceiverRoom, now: float, actions: list[Action],
+                      allocation: Allocation | None = None) -> None:
+        """Give a room between rounds whatever free blocks its rest needs (or the
+        application's ``allocation``) and ask for it."""
         assert record.aux is not None
         remaining = record.aux.total_tokens - record.sent_tokens
-        allocation = self.allocator.alloc_up_to(remaining, owner=record.room)
-        assert allocation is not None
+        if allocation is None:
+            allocation = self.allocator.alloc_up_to(remaining, owner=record.room)
+            assert allocation is not None
         record.allocation = allocation
         record.requested = True
-        actions.append(SendMessage(Resume(
-            record.room, self.rank, record.round, record.sent_tokens,
-            min(allocation.capacity_tokens, remaining), allocation.extents,
-        )))
+        tokens = min(allocation.capacity_tokens, remaining)
+        # an application's allocation may hold more blocks than the rest needs: name those it fills
+        extents = allocation.extents if tokens > allocation.capacity_tokens - allocation.block_size \
+            else leading_extents(allocation.extents, -(-tokens // allocation.block_size))
+        actions.append(SendMessage(Resume(record.room, self.rank, record.round, record.sent_tokens, tokens, extents)))
         self._step(record, RESUME_SENT, now, actions)
 
     def _abandon(self, record: _ReceiverRoom, reason: str, now: float, actions: list[Action],
@@ -368,7 +384,7 @@ class Receiver(SenderLink, Endpoint):
                 self._quarantine_deadlines.set(record.room, now + self.settings.quarantine_timeout)
                 self.stats["blocks_quarantined"] += allocation.num_blocks
             else:
-                self.allocator.free(allocation)
+                self._free_blocks_of(allocation)
         if record.told_sender and not sender_quiet:
             actions.append(SendMessage(Abort(record.room, self.rank, reason)))
 
@@ -383,5 +399,5 @@ class Receiver(SenderLink, Endpoint):
         if held is None:
             return False
         self._quarantine_deadlines.clear(room)
-        self.allocator.free(held.allocation)
+        self._free_blocks_of(held.allocation)
         return True

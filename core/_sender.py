@@ -303,6 +303,7 @@ class Sender(ReceiverRanks, Endpoint):
             # an abort that overtook the room's init: remember the room so a late init can
             # never start writing blocks the receiver frees on our ack
             self._retire(message.room, ((message.rank, self._liveness.incarnation(message.rank)),))
+            self._remember_early_abort(message.room, f"aborted by receiver rank {message.rank}: {message.reason}")
         elif record.state not in TERMINAL_STATES:
             self._fail(record, ABORT, f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)
         if dest is not None and dest.writing:

@@ -107,12 +107,19 @@ class ReceiverRanks:
         check_room(room)
         if self._lookup(room) is None and not self._is_retired(room):
             self._retire(room)
-            self._early_aborts[room] = (reason or "aborted by sender")[:REASON_BYTES]
-            if len(self._early_aborts) > RETIRED_MEMORY:
-                self._early_aborts.popitem(last=False)
+            self._remember_early_abort(room, reason or "aborted by sender")
             self.stats["aborted_before_init"] += 1
             return []
         return super().abort(room, now, reason)  # type: ignore[misc]  # Endpoint, after this mixin
+
+    def early_abort(self, room: int) -> str | None:
+        """Why ``room`` ended before any receiver's init reached this sender (None: it did not)."""
+        return self._early_aborts.get(room) if self._is_retired(room) else None
+
+    def _remember_early_abort(self, room: int, reason: str) -> None:
+        self._early_aborts[room] = reason[:REASON_BYTES]
+        if len(self._early_aborts) > RETIRED_MEMORY:
+            self._early_aborts.popitem(last=False)
 
     def _forget_tombstone(self, room: int) -> None:
         super()._forget_tombstone(room)  # type: ignore[misc]

@@ -80,6 +80,9 @@ class Settings:
     # a finished room whose outcome nobody reads (take, or failure + clear) is forgotten
     # after this long, its rows released (counted as expired_unread)
     retention_timeout: float = attrs.field(default=600.0, validator=_positive_seconds)
+    # a scheduler-driven request (the SGLang fork's) may wait this long for the engine to
+    # find it blocks and call init; the wait spends none of its bootstrap_timeout
+    admission_timeout: float = attrs.field(default=600.0, validator=_positive_seconds)
 
     def __attrs_post_init__(self) -> None:
         if self.default_blocks > self.pool_blocks:
@@ -141,6 +144,11 @@ class Settings:
                 if name in env:
                     values[field.name] = _parse_env(name, env[name], field)
                     break
+        tokens_name = "SGLANG_EMBEDDING_DEFAULT_ALLOCATE_BUFFER_SIZE"  # the fork's first allocation, in tokens
+        if "default_blocks" not in values and "default_blocks" not in overrides and tokens_name in env:
+            tokens = _parse_env(tokens_name, env[tokens_name], attrs.fields(cls).default_blocks)
+            block_size = overrides.get("block_size", values.get("block_size", attrs.fields(cls).block_size.default))
+            values["default_blocks"] = -(-tokens // block_size) if isinstance(block_size, int) and block_size > 0 else tokens
         values.update(overrides)
         try:
             return cls(**values)
@@ -151,7 +159,8 @@ class Settings:
                 if field_name in overrides:
                     continue
                 source = next(
-                    (n for n in [f"EMBXFER_{field_name.upper()}", *ENV_ALIASES.get(field_name, ())] if n in env),
+                    (n for n in [f"EMBXFER_{field_name.upper()}", *ENV_ALIASES.get(field_name, ()),
+                                 *_DERIVED_FROM.get(field_name, ())] if n in env),
                     None,
                 )
                 if source is not None:
@@ -159,17 +168,23 @@ class Settings:
             raise
 
 
-# The SGLang fork's variable names, accepted as aliases.
+# The SGLang fork's variable names, accepted as aliases (the PR's names first, then the
+# older design notes'). SGLANG_EMBEDDING_DEFAULT_ALLOCATE_BUFFER_SIZE (tokens of the first
+# allocation) sets default_blocks = ceil(tokens / block_size), in ``from_env``.
 ENV_ALIASES: dict[str, tuple[str, ...]] = {
-    "block_size": ("SGLANG_MULTIMODAL_BLOCK_SIZE",),
+    "block_size": ("SGLANG_EMBEDDING_CACHE_BLOCK_SIZE", "SGLANG_MULTIMODAL_BLOCK_SIZE"),
     "default_blocks": ("SGLANG_DEFAULT_MULTIMODAL_BLOCKS",),
     "pool_blocks": ("SGLANG_EMBEDDING_CACHE_BUFFER_SIZE",),
 }
 
 
+# Variables that set a field indirectly (converted in ``from_env``).
+_DERIVED_FROM: dict[str, tuple[str, ...]] = {"default_blocks": ("SGLANG_EMBEDDING_DEFAULT_ALLOCATE_BUFFER_SIZE",)}
+
+
 # Fields whose variables may be behind a cross-field SettingsError, in the order to blame them.
 _RELATED_FIELDS: dict[str, tuple[str, ...]] = {
-    "default_blocks": ("default_blocks", "pool_blocks"),
+    "default_blocks": ("default_blocks", "pool_blocks", "block_size"),
     "pool_blocks": ("pool_blocks", "block_size"),
     "quarantine_timeout": ("quarantine_timeout", "bootstrap_timeout", "waiting_timeout"),
 }

@@ -10,7 +10,6 @@ import pytest
 import attrs
 
 from embxfer.adapters import EncodeServer, LanguageClient, Poll, connect_local
-from embxfer.adapters.sglang import EmbeddingSender
 from embxfer.adapters.workload import room_data
 from embxfer.core import Settings
 
@@ -23,18 +22,14 @@ SMALL_POOL = Settings(block_size=16, default_blocks=2, pool_blocks=2, hidden_siz
                       data_plane="zmq", heartbeat_interval=0.2, heartbeat_misses=5)
 
 
-@pytest.mark.parametrize("through", ["server", "sglang facade"])
-def test_an_encode_side_abort_of_a_room_whose_init_is_still_queued_is_final(through):
+def test_an_encode_side_abort_of_a_room_whose_init_is_still_queued_is_final():
     with connect_local(SMALL_POOL) as link:
         rx, server = link.receivers[0], link.sender
         rx.init(1)
         rx.init(2)  # queued: room 1 holds the whole pool
         wait_until(rx, lambda: rx.endpoint.state_of(1) == "WaitingForInput", WAIT, "room 1 init sent")
         assert rx.poll(2) == Poll.Bootstrapping
-        if through == "server":
-            server.abort(2, reason="client went away")
-        else:
-            EmbeddingSender(server, 2).abort()
+        server.abort(2, reason="client went away")
         first = room_data(3, 1, SMALL_POOL, num_tokens=20)
         server.send(1, first)
         assert rx.wait(1, WAIT) == Poll.Success
@@ -107,16 +102,14 @@ def processes():
 
 
 @pytest.mark.parametrize("room", [-1, 2**63, "7", 1.5, None, True], ids=repr)
-def test_invalid_room_ids_on_real_wires_and_through_the_facade_change_nothing(room):
-    from embxfer.adapters.sglang import EmbeddingReceiver
+def test_invalid_room_ids_on_real_wires_change_nothing(room):
     from embxfer.core import LocalProtocolError
 
     with connect_local(SMALL_POOL) as link:
         rx, server = link.receivers[0], link.sender
         calls = [lambda: rx.init(room), lambda: rx.abort(room), lambda: rx.take(room), lambda: rx.poll(room),
                  lambda: rx.clear(room), lambda: server.send(room, room_data(3, 0, SMALL_POOL, num_tokens=4)),
-                 lambda: server.abort(room), lambda: server.poll(room),
-                 lambda: EmbeddingReceiver(rx, room).init(), lambda: EmbeddingSender(server, room).abort()]
+                 lambda: server.abort(room), lambda: server.poll(room)]
         for call in calls:
             with pytest.raises(LocalProtocolError) as error:
                 call()

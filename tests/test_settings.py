@@ -14,7 +14,7 @@ from embxfer.core import LocalProtocolError, ProtocolError, Settings, SettingsEr
 INT_FIELDS = ("block_size", "default_blocks", "pool_blocks", "hidden_size", "heartbeat_misses")
 TIMEOUT_FIELDS = (
     "bootstrap_timeout", "waiting_timeout", "transfer_timeout", "quarantine_timeout", "heartbeat_interval",
-    "dead_peer_grace", "retention_timeout",
+    "dead_peer_grace", "retention_timeout", "admission_timeout",
 )
 ALIASES = {
     "block_size": "SGLANG_MULTIMODAL_BLOCK_SIZE",

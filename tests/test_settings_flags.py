@@ -12,7 +12,7 @@ from embxfer.core import Settings
 NON_DEFAULT = Settings(
     block_size=4, default_blocks=3, pool_blocks=77, hidden_size=96, dtype="float16", bootstrap_timeout=12.5,
     waiting_timeout=33.25, transfer_timeout=0.1, quarantine_timeout=200.0, heartbeat_interval=0.3,
-    heartbeat_misses=7, data_plane="zmq", prealloc="adaptive", dead_peer_grace=0.75, retention_timeout=42.5,
+    heartbeat_misses=7, data_plane="zmq", prealloc="adaptive", dead_peer_grace=0.75, retention_timeout=42.5, admission_timeout=33.0,
 )
 
 

@@ -25,7 +25,8 @@ class LanguageClient(_Runtime):
     def __init__(self, settings: Settings, bootstrap_addr: str, *, rank: int = 0, required_dst_info_num: int = 1,
                  protocol: str = "tcp", device: str = "", host: str = "127.0.0.1", verbose: bool = False,
                  engine: MooncakeEngine | None = None, connect_timeout: float | None = None,
-                 rows: RowSink | None = None, allocator: Any = None, lock: Any = None) -> None:
+                 rows: RowSink | None = None, allocator: Any = None, lock: Any = None,
+                 wait_for_peer: bool = True) -> None:
         """``rows``, ``allocator`` and ``lock`` shared by several clients (one per encode
         server) make them one pool; its Mooncake registration is then the caller's (pass
         the ``engine`` it registered the pool with)."""
@@ -59,6 +60,8 @@ class LanguageClient(_Runtime):
         self.socket.send_multipart(encode(self.endpoint.register_message(endpoint=bootstrap_addr, session_id=session_id)))
         self.socket.send_multipart(encode(self._layout))
         self._thread.start()
+        if not wait_for_peer:
+            return  # the caller watches ``endpoint.peer_ready`` / ``endpoint.refusal`` itself
         timeout = settings.bootstrap_timeout if connect_timeout is None else connect_timeout
         endpoint = self.endpoint
         with self.changed:

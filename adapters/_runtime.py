@@ -45,6 +45,8 @@ class _Runtime:
         self._outbox: deque[Action] = deque()
         self._loop_calls: deque[Callable[[], None]] = deque()  # socket work only the I/O thread may do
         self._wakeup = Wakeup()
+        # called on the I/O thread for every room that ends (``embxfer.adapters.aio``)
+        self._finished_listeners: list[Callable[[RoomFinished], None]] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"embxfer-{name}", daemon=True)
 
@@ -127,6 +129,8 @@ class _Runtime:
             action = queue_.popleft()
             if isinstance(action, RoomFinished):
                 self._log_finished(action)
+                for listener in self._finished_listeners:
+                    listener(action)
             queue_.extend(self._execute(action) or ())
 
     def _log_finished(self, finished: RoomFinished) -> None:
@@ -151,6 +155,12 @@ class _Runtime:
         with self.lock:
             kwargs = {"reason": reason} if reason else {}
             self._hand_over(self.endpoint.abort(room, time.monotonic(), **kwargs))
+
+    def add_finished_listener(self, listener: Callable[[RoomFinished], None]) -> None:
+        """``listener(finished)`` runs on the I/O thread each time a room ends: keep it short
+        and never block (hand over to your own loop, as ``embxfer.adapters.aio`` does)."""
+        with self.lock:
+            self._finished_listeners.append(listener)
 
     def forget_if_finished(self, room: int) -> None:
         """``forget`` a room that has ended; nothing for one that has not (or is unknown)."""

@@ -59,10 +59,8 @@ class ReleaseSource:
 
 
 @attrs.frozen
-class CollectRows:
-    """Receiver: move ``num_tokens`` rows of ``allocation`` out of the pool into the room's
-    assembly at token offset ``sent_tokens`` (``total_tokens`` rows in all).  The core frees
-    the allocation right after this action; execute it before any later action."""
+class _RoundRows:
+    """A round's ``num_tokens`` rows (tokens ``sent_tokens ..`` of the room) in ``allocation``."""
 
     room: int
     round: int
@@ -73,26 +71,22 @@ class CollectRows:
 
     @property
     def runs(self) -> list[tuple[int, int, int]]:
-        """``(first_slot, token_offset, length)`` of the rows to move, as ``WriteRows.runs``."""
+        """``(first_slot, token_offset, length)`` of the rows, as ``WriteRows.runs``."""
         return slot_runs(self.allocation.extents, self.allocation.block_size, self.num_tokens)
 
 
 @attrs.frozen
-class RowsLanded:
-    """Receiver, scheduler-driven room: a round's ``num_tokens`` rows (tokens
-    ``sent_tokens ..``) are in ``allocation``, which is the application's again: it reads
-    them where they lie and frees the blocks (``Receiver.release``) when it is done."""
+class CollectRows(_RoundRows):
+    """Receiver: move the round's rows out of the pool into the room's assembly at token
+    offset ``sent_tokens`` (``aux.total_tokens`` rows in all).  The core frees the
+    allocation right after this action; execute it before any later action."""
 
-    room: int
-    round: int
-    allocation: Allocation
-    sent_tokens: int
-    num_tokens: int
-    aux: AuxHeader
 
-    @property
-    def runs(self) -> list[tuple[int, int, int]]:
-        return slot_runs(self.allocation.extents, self.allocation.block_size, self.num_tokens)
+@attrs.frozen
+class RowsLanded(_RoundRows):
+    """Receiver, scheduler-driven room: the round's rows are in ``allocation``, which is the
+    application's again: it reads them where they lie and frees the blocks
+    (``Receiver.release``) when it is done."""
 
 
 @attrs.frozen

@@ -1,5 +1,10 @@
 """Codec for the SGLang fork's layout: init is 7 ASCII frames, resume is 8.
 
+Every frame is ASCII (the fork decodes them as ASCII), and ``allocated_tokens`` of what we
+emit is the blocks' whole capacity (the fork's transfer worker checks
+``allocated_tokens // len(blocks) == block_size`` and dies on a mismatch); the fork's
+sender writes ``min(rest, allocated_tokens)`` rows, which is what our round asked for.
+
 The fork tells init from resume by the number of frames; that is its wire format and we
 read it as such.  It has no round number, so turning a ``ForkResume`` into our ``Resume``
 takes the round from the caller (the adapter counts rounds per room) — rounds are never
@@ -22,6 +27,12 @@ from ._messages import U32, U64, Init, InvalidField, Resume, _text
 _MAX_DIGITS = 20
 
 
+def _ascii(instance: Any, attribute: Any, value: Any) -> None:
+    _text(instance, attribute, value)
+    if not value.isascii():
+        raise InvalidField(attribute.name, "not ASCII (the fork decodes these frames as ASCII)")
+
+
 def _block_list(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, tuple) or not value:
         raise InvalidField(attribute.name, "must be a non-empty tuple of block indices")
@@ -36,9 +47,9 @@ def _block_list(instance: Any, attribute: Any, value: Any) -> None:
 @attrs.frozen
 class ForkInit:
     room: int = attrs.field(validator=U64)
-    endpoint: str = attrs.field(validator=_text)
+    endpoint: str = attrs.field(validator=_ascii)
     dst_port: int = attrs.field(validator=U32)
-    session_id: str = attrs.field(validator=_text)
+    session_id: str = attrs.field(validator=_ascii)
     embedding_indices: tuple[int, ...] = attrs.field(validator=_block_list)
     required_dst_info_num: int = attrs.field(validator=U32)
     allocated_tokens: int = attrs.field(validator=U32)
@@ -47,9 +58,9 @@ class ForkInit:
 @attrs.frozen
 class ForkResume:
     room: int = attrs.field(validator=U64)
-    endpoint: str = attrs.field(validator=_text)
+    endpoint: str = attrs.field(validator=_ascii)
     dst_port: int = attrs.field(validator=U32)
-    session_id: str = attrs.field(validator=_text)
+    session_id: str = attrs.field(validator=_ascii)
     embedding_indices: tuple[int, ...] = attrs.field(validator=_block_list)
     required_dst_info_num: int = attrs.field(validator=U32)
     sent_tokens: int = attrs.field(validator=U32)
@@ -66,7 +77,7 @@ def fork_encode(message: ForkMessage) -> list[bytes]:
         if name == "embedding_indices_str":
             frames.append(",".join(str(b) for b in message.embedding_indices).encode("ascii"))
         else:
-            frames.append(str(getattr(message, name)).encode("utf-8"))
+            frames.append(str(getattr(message, name)).encode("ascii"))
     return frames
 
 
@@ -87,9 +98,9 @@ def fork_decode(frames: Sequence[Any], *, block_size: int | None = None) -> Fork
         raw = bytes(frame)
         if name in ("endpoint", "session_id"):
             try:
-                values[name] = raw.decode("utf-8")
+                values[name] = raw.decode("ascii")
             except UnicodeDecodeError:
-                raise DecodeError(name, "not valid UTF-8") from None
+                raise DecodeError(name, "not ASCII") from None
         elif name == "embedding_indices_str":
             parts = raw.split(b",")
             if len(parts) > MAX_EXTENTS:
@@ -145,12 +156,18 @@ def fork_to_native(message: ForkMessage, *, rank: int, block_size: int, round: i
 
 
 def native_to_fork(
-    message: Init | Resume, *, endpoint: str, dst_port: int, session_id: str, required_dst_info_num: int
+    message: Init | Resume, *, endpoint: str, dst_port: int, session_id: str, required_dst_info_num: int,
+    block_size: int | None = None,
 ) -> ForkMessage:
+    """The fork's message for ours.  ``allocated_tokens`` becomes the blocks' capacity (what
+    the fork's check wants); a resume needs ``block_size`` for it (an init carries its own)."""
     blocks = expand(message.extents)
     if isinstance(message, Init):
-        return ForkInit(message.room, endpoint, dst_port, session_id, blocks, required_dst_info_num, message.allocated_tokens)
+        capacity = len(blocks) * message.block_size
+        return ForkInit(message.room, endpoint, dst_port, session_id, blocks, required_dst_info_num, capacity)
+    if block_size is None or block_size < 1:
+        raise InvalidField("block_size", "a resume needs the block size to state its capacity")
     return ForkResume(
         message.room, endpoint, dst_port, session_id, blocks, required_dst_info_num,
-        message.sent_tokens, message.allocated_tokens,
+        message.sent_tokens, len(blocks) * block_size,
     )

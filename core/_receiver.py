@@ -17,13 +17,13 @@ from typing import Any
 import attrs
 
 from embxfer.specs.tables import (
-    ABORT, BOOTSTRAPPING, FAIL, INIT_SENT, RESUME_SENT, ROUND_COMPLETE, ROUND_PARTIAL, TERMINAL_STATES,
+    ABORT, BOOTSTRAPPING, FAIL, INIT_SENT, RESUME_SENT, ROUND_COMPLETE, ROUND_PARTIAL, TERMINAL_STATES, TIMEOUT,
     TRANSFERRING,
 )
 
 from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage, WriteRows
 from ._allocator import Allocation, Allocator, leading_extents
-from ._endpoint import Endpoint, check_room
+from ._endpoint import RETIRED_MEMORY, Endpoint, check_room
 from ._errors import LocalProtocolError
 from ._messages import U64_MAX, Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Registered, Resume, Status
 from ._admission import aux_problem, outside_pool, write_problem
@@ -94,6 +94,7 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
         self._quarantine_deadlines = Deadlines()
         self._held_app_allocations: dict[int, int] = {}
         self._release_pending: set[int] = set()
+        self._pending_cancels: deque[SendMessage] = deque(maxlen=RETIRED_MEMORY)
 
     # -- queries -----------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -169,6 +170,10 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
         self._waiting_init.append(room)
         actions: list[Action] = []
         self._serve_waiting(now, actions)
+        if record.state == BOOTSTRAPPING and not record.told_sender and self.peer_ready:
+            # waiting for free blocks, not for the sender: its own limit, not bootstrap_timeout
+            record.deadline = now + self.settings.admission_timeout
+            self._deadlines.set(room, record.deadline)
         if self._dead_since is not None:
             self._fail_rooms_of_a_dead_peer(now, actions)
         return actions
@@ -289,6 +294,13 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
             self._waiting_resume.append(record.room)
         self._serve_waiting(now, actions)
         return actions
+
+    def _on_timeout(self, record: _ReceiverRoom, now: float, actions: list[Action]) -> None:
+        if record.state == BOOTSTRAPPING and not record.told_sender and self.peer_ready:
+            reason = f"no free blocks within admission_timeout ({self.settings.admission_timeout:g} s)"
+            self._fail(record, TIMEOUT, reason, now, actions)
+        else:
+            super()._on_timeout(record, now, actions)
 
     def _succeeded(self, record: _ReceiverRoom, now: float, actions: list[Action]) -> None:
         assert record.aux is not None

@@ -38,6 +38,7 @@ class SenderLink:
                   **options: Any) -> None: ...
         def _serve_waiting(self, now: float, actions: list[Action]) -> None: ...
         def release_quarantine(self) -> int: ...
+        def _flush_cancels(self, actions: list[Action]) -> None: ...
 
     def register_message(self, endpoint: str = "", session_id: str = "") -> Register:
         s = self.settings
@@ -83,6 +84,7 @@ class SenderLink:
         self._dead_since = None
         self._next_registration = None
         self._liveness.register(0, incarnation, now)
+        self._flush_cancels(actions)
         self._serve_waiting(now, actions)
         return actions
 

@@ -38,6 +38,7 @@ class ScheduledRounds:
     # quarantined after a failure); and the ids the application freed meanwhile
     _held_app_allocations: dict[int, int]
     _release_pending: set[int]
+    _pending_cancels: Any  # aborts of rooms given up before the sender answered (bounded)
 
     if TYPE_CHECKING:  # provided by Receiver / Endpoint
         def _step(self, record: Any, trigger: str, now: float, actions: list[Action]) -> bool: ...
@@ -75,7 +76,15 @@ class ScheduledRounds:
         if check_room(room) in self.rooms or room in self._retired:
             raise LocalProtocolError(f"room {room} was already initialised", field="room")
         self._retire(room)
-        return [SendMessage(Abort(room, self.rank, reason[:REASON_BYTES]))] if self.peer_ready else []
+        abort = SendMessage(Abort(room, self.rank, reason[:REASON_BYTES]))
+        if self.peer_ready:
+            return [abort]
+        self._pending_cancels.append(abort)  # told once the sender answers our registration
+        return []
+
+    def _flush_cancels(self, actions: list[Action]) -> None:
+        actions.extend(self._pending_cancels)
+        self._pending_cancels.clear()
 
     def release(self, allocation: Allocation) -> bool:
         """The application frees ``allocation``.  True when the blocks are free now; False

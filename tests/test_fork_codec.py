@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +25,7 @@ from embxfer.specs.schemas import FORK_INIT_FIELDS, FORK_RESUME_FIELDS, MAX_STR_
 
 u32 = st.integers(0, U32_MAX)
 u64 = st.integers(0, U64_MAX)
-texts = st.one_of(st.text(max_size=30), st.just(""), st.just("tcp://10.0.0.1:5555"), st.just("x" * MAX_STR_BYTES))
+texts = st.one_of(st.text(alphabet=st.characters(max_codepoint=127), max_size=30), st.just(""), st.just("tcp://10.0.0.1:5555"), st.just("x" * MAX_STR_BYTES))
 # Unsorted, non-contiguous, sometimes with runs of consecutive blocks: the fork's lists.
 block_lists = st.one_of(
     st.lists(st.integers(0, U32_MAX - 1), min_size=1, max_size=30, unique=True),
@@ -179,9 +180,10 @@ def test_init_native_round_trip(case: tuple[ForkInit, int, int]) -> None:
         native, endpoint=fork.endpoint, dst_port=fork.dst_port, session_id=fork.session_id,
         required_dst_info_num=fork.required_dst_info_num,
     )
-    assert back == fork
+    # the same message, with the blocks' whole capacity (what the fork's check wants)
+    assert back == attrs.evolve(fork, allocated_tokens=len(fork.embedding_indices) * block_size)
     # and through the wire both ways
-    assert fork_decode(fork_encode(back), block_size=block_size) == fork
+    assert fork_decode(fork_encode(back), block_size=block_size) == back
 
 
 @settings(max_examples=300, deadline=None)
@@ -199,7 +201,9 @@ def test_resume_native_round_trip(
     assert (native.room, native.rank, native.sent_tokens, native.allocated_tokens) == (room, rank, sent, allocated)
     assert expand(native.extents) == list(blocks)
     assert_coalesced(native.extents)
-    assert native_to_fork(native, endpoint="ep", dst_port=9, session_id="sid", required_dst_info_num=3) == fork
+    back = native_to_fork(native, endpoint="ep", dst_port=9, session_id="sid", required_dst_info_num=3,
+                          block_size=block_size)
+    assert back == attrs.evolve(fork, allocated_tokens=len(blocks) * block_size)
 
 
 def test_resume_round_comes_from_caller() -> None:
@@ -217,9 +221,67 @@ def test_resume_round_comes_from_caller() -> None:
 
 def test_native_to_fork_resume_layout() -> None:
     native = Resume(room=5, rank=0, round=3, sent_tokens=256, allocated_tokens=100, extents=((7, 2), (1, 1)))
-    fork = native_to_fork(native, endpoint="e", dst_port=2, session_id="s", required_dst_info_num=1)
+    fork = native_to_fork(native, endpoint="e", dst_port=2, session_id="s", required_dst_info_num=1, block_size=64)
     assert isinstance(fork, ForkResume)
-    assert fork_encode(fork) == [b"5", b"e", b"2", b"s", b"7,8,1", b"1", b"256", b"100"]
+    assert fork_encode(fork) == [b"5", b"e", b"2", b"s", b"7,8,1", b"1", b"256", b"192"]  # 3 blocks of 64
+    with pytest.raises(InvalidField) as info:
+        native_to_fork(native, endpoint="e", dst_port=2, session_id="s", required_dst_info_num=1)
+    assert info.value.field == "block_size"
+
+
+def fork_parser(frames: list[bytes], block_size: int, total_tokens: int) -> tuple[int, int]:
+    """What the fork's encode side does with an init or resume (``TransferEmbeddingInfo.from_zmq``
+    and the checks of its transfer worker, which raise in that thread): the tokens it sends
+    and the blocks they need."""
+    room = int(frames[0].decode("ascii"))
+    assert room >= 0 and frames[1].decode("ascii") is not None and frames[3].decode("ascii") is not None
+    int(frames[2].decode("ascii"))
+    blocks = [int(b) for b in frames[4].decode("ascii").split(",") if b]
+    int(frames[5].decode("ascii"))
+    sent = int(frames[6].decode("ascii")) if len(frames) >= 8 else 0
+    allocated = int(frames[-1].decode("ascii"))
+    if allocated // len(blocks) != block_size:
+        raise ValueError(f"Block size mismatch: {allocated} tokens for {len(blocks)} blocks")
+    tokens = min(total_tokens - sent, allocated)
+    if -(-tokens // block_size) > len(blocks):
+        raise ValueError("Insufficient dst blocks")
+    return tokens, len(blocks)
+
+
+def test_what_a_receiver_emits_in_fork_mode_the_forks_parser_accepts() -> None:
+    from embxfer.adapters import connect_loopback
+    from embxfer.core import SendMessage, Settings
+
+    settings = Settings(block_size=128, default_blocks=8, pool_blocks=16, hidden_size=8, dtype="float32")
+    link = connect_loopback(settings)
+    endpoint = link.receivers[0].endpoint
+    sent: list[object] = []
+    actions = endpoint.init(1, link.now)
+    sent += [a.message for a in actions if isinstance(a, SendMessage)]
+    # the 2,000-token room: round 0 of 1,024, then the rest, 976 (8 blocks, not full)
+    from embxfer.core import AuxHeader, Status
+    aux = AuxHeader(1, 2000, 0, 8, "float32")
+    actions = endpoint.receive(Status(1, 0, 0, 0, 1024), link.now, aux)
+    sent += [a.message for a in actions if isinstance(a, SendMessage)]
+    init, resume = sent
+    assert isinstance(init, Init) and isinstance(resume, Resume) and resume.allocated_tokens == 976
+    tokens = []
+    for message in (init, resume):
+        fork = native_to_fork(message, endpoint="10.0.0.2", dst_port=17000, session_id="10.0.0.2:15000",
+                              required_dst_info_num=1, block_size=128)
+        tokens.append(fork_parser(fork_encode(fork), 128, 2000))
+    assert tokens == [(1024, 8), (976, 8)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(block_size=st.integers(1, 4096), blocks=st.integers(1, 64), data=st.data())
+def test_every_resume_we_emit_passes_the_forks_check(block_size: int, blocks: int, data: st.DataObject) -> None:
+    tokens = data.draw(st.integers((blocks - 1) * block_size + 1, blocks * block_size))  # what the round asks
+    native = Resume(room=9, rank=0, round=1, sent_tokens=block_size, allocated_tokens=tokens,
+                    extents=((0, blocks),))
+    frames = fork_encode(native_to_fork(native, endpoint="e", dst_port=1, session_id="s",
+                                        required_dst_info_num=1, block_size=block_size))
+    assert fork_parser(frames, block_size, block_size + tokens) == (tokens, blocks)
 
 
 # --------------------------------------------------------------------------- errors

@@ -5,6 +5,7 @@ every block back, every record forgotten, failures with their reasons."""
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import pytest
@@ -28,8 +29,44 @@ class Deployment(ForkDeployment):
         assert self.exact(room), f"room {room} not prefilled with exactly its rows: {self.aborted(room)}"
 
     def check_clean(self) -> None:
-        """Every block back on every pool, every record forgotten, no write out of place."""
+        """Every block back on every pool, every record forgotten, no write out of place
+        (on real wires: once the last acknowledgements have arrived, the schedulers looping)."""
+        schedulers = [*self.encoders.values(), *self.language]
+        try:
+            step_until(self, schedulers, lambda: not self.leftovers(), seconds=30)
+        except AssertionError:
+            pass
         assert self.leftovers() == {}
+
+
+def abort_right_after(target: Any, method: str, abort: Any) -> list[str]:
+    """Make ``target.method`` call ``abort`` the moment it returns (once); the list returned
+    names the call once that has happened."""
+    original = getattr(target, method)
+    fired: list[str] = []
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        setattr(target, method, original)
+        abort()
+        fired.append(method)
+        return result
+
+    setattr(target, method, wrapped)
+    return fired
+
+
+def step_until(deployment: Deployment, schedulers: list[Any], condition: Any, seconds: float = 60.0) -> None:
+    """Step ``schedulers`` (in order) until ``condition`` holds right after a step, checked
+    before the network gets to carry anything more; the network runs between iterations."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for scheduler in schedulers:
+            scheduler.step()
+        if condition():
+            return
+        deployment.settle()
+    raise AssertionError(f"not reached within {seconds} s")
 
 
 @pytest.fixture
@@ -94,12 +131,8 @@ def test_fan_out_to_two_language_ranks_with_a_mixed_outcome(deploy: Any) -> None
     deployment = deploy(language_tp=2, language_blocks=32)
     for room in (40, 41, 42):
         deployment.request(room, 1500)
-    for _ in range(10_000):  # the language ranks init every request; the encode side has not run yet
-        for scheduler in deployment.language:
-            scheduler.step()
-        if all(len(s.transfer_queue.queue) == 3 for s in deployment.language):
-            break
-        deployment.settle()
+    # the language ranks init every request; the encode side has not run yet
+    step_until(deployment, deployment.language, lambda: all(len(s.transfer_queue.queue) == 3 for s in deployment.language))
     deployment.language[1].abort_request("r41")  # one rank gives up on one request
     deployment.run()
     deployment.check_exact(40)
@@ -138,23 +171,15 @@ def test_aborts_at_each_queue(deploy: Any, where: str) -> None:
             language.step()
             language.abort_request("r61")
         elif where == "language mid-resume":
-            for _ in range(100):  # until the resume went out, before the network carries it
-                encode.step()
-                language.step()
-                if any(r.partial_input_embeds is not None for r in language.transfer_queue.queue):
-                    break
-                deployment.settle()
-            assert [r.req.rid for r in language.transfer_queue.queue if r.partial_input_embeds is not None] == ["r61"]
-            language.abort_request("r61")
+            # the scheduler aborts the moment its resume went out (the next round in flight)
+            receiver = next(r.embedding_receiver for r in language.prealloc_queue.queue if r.req.rid == "r61")
+            fired = abort_right_after(receiver, "resume_transfer", lambda: language.abort_request("r61"))
+            step_until(deployment, [encode, language], lambda: bool(fired))
         elif where == "encode inflight":
-            for _ in range(10_000):  # abort right after the step that sent it, before it can land
-                language.step()
-                encode.step()
-                if "r61" in [r.rid for r in encode.inflight_queue]:
-                    break
-                deployment.settle()
-            assert "r61" in [r.rid for r in encode.inflight_queue]  # sent, not yet finished
-            encode.abort_request("r61")
+            # the encode scheduler aborts the moment the rows went out, before they can land
+            sender = next(r.disagg_embedding_sender for r in encode.bootstrap_queue.queue if r.rid == "r61")
+            fired = abort_right_after(sender, "send_embedding", lambda: encode.abort_request("r61"))
+            step_until(deployment, [language, encode], lambda: bool(fired))  # (it was in the inflight queue)
         deployment.run()
         deployment.check_exact(62)
     messages = deployment.aborted(61)
@@ -178,7 +203,26 @@ def test_poll_values_where_the_fork_polls(deploy: Any) -> None:
     sender = deployment.encoders[ENCODE_HOSTS[0]].bootstrap_queue.queue[0].disagg_embedding_sender
     receiver = deployment.language[0].prealloc_queue.queue[0].embedding_receiver
     assert sender.poll() == KVPoll.Bootstrapping  # polled at once, before any receiver reached it
-    assert receiver.poll() == KVPoll.WaitingForInput  # bootstrapped, ready for init
+    # Bootstrapping until the encode server answered (at once on the loopback), then ready for init
+    assert receiver.poll() in ((KVPoll.WaitingForInput,) if deployment.transport == "loopback"
+                               else (KVPoll.Bootstrapping, KVPoll.WaitingForInput))
+    step_until(deployment, [], lambda: receiver.poll() == KVPoll.WaitingForInput)
+    assert sender.poll() == KVPoll.Bootstrapping  # no init yet: the language side has not allocated
     deployment.run()
     deployment.check_exact(5)
     assert sender.poll() == KVPoll.Success and receiver.poll() == KVPoll.Success  # latched, records gone
+
+
+def test_an_encode_server_that_never_answers_fails_the_request_without_blocking_the_scheduler() -> None:
+    from embxfer.adapters.sglang import EmbeddingReceiver, TransferFailed
+    from embxfer.adapters.sglang.deployment import environment
+
+    with environment(EMBXFER_BOOTSTRAP_TIMEOUT="0.5"), Deployment("wires") as deployment:
+        manager = deployment.language[0].prealloc_queue.data_manager
+        started = time.monotonic()
+        receiver = EmbeddingReceiver(manager, f"127.0.0.3:{deployment.port}", 99, None)  # nothing listens there
+        assert receiver.poll() == KVPoll.Bootstrapping
+        assert time.monotonic() - started < 0.5  # the constructor does not wait for the encode server
+        step_until(deployment, [], lambda: receiver.poll() == KVPoll.Failed, seconds=10)
+        with pytest.raises(TransferFailed, match="no encode server answered at 127.0.0.3"):
+            receiver.failure_exception()

@@ -12,17 +12,18 @@ from loopback_support import TIMED
 
 
 # -- timeouts -------------------------------------------------------------------------
-def test_receiver_bootstrap_timeout_when_no_blocks_ever_come():
-    settings = Settings(block_size=4, default_blocks=2, pool_blocks=2, hidden_size=8, dtype="float32", bootstrap_timeout=5.0)
+def test_a_room_waiting_for_blocks_spends_admission_timeout_not_bootstrap_timeout():
+    settings = Settings(block_size=4, default_blocks=2, pool_blocks=2, hidden_size=8, dtype="float32",
+                        bootstrap_timeout=5.0, admission_timeout=8.0)
     link = connect_loopback(settings)
     rx = link.receivers[0]
     rx.init(1)
-    rx.init(2)
+    rx.init(2)  # room 1 holds the whole pool: room 2 waits for blocks
     link.run_until_idle()
-    link.advance(4.9)
-    assert rx.poll(2) == Poll.Bootstrapping
+    link.advance(7.9)
+    assert rx.poll(2) == Poll.Bootstrapping  # past bootstrap_timeout, still waiting
     link.advance(0.2)
-    assert rx.poll(2) == Poll.Failed and rx.failure(2) == "timeout in state Bootstrapping"
+    assert rx.poll(2) == Poll.Failed and rx.failure(2) == "no free blocks within admission_timeout (8 s)"
 
 
 def test_receiver_waiting_timeout_quarantines_then_frees_on_sender_ack():

@@ -92,3 +92,15 @@ def test_cancel_tells_the_sender_and_burns_the_id() -> None:
     assert link.sender.endpoint.early_abort(7) == "aborted by receiver rank 0: not needed"
     with pytest.raises(LocalProtocolError):
         rx.init(7)
+
+
+def test_a_cancel_before_the_sender_answered_is_sent_once_it_does() -> None:
+    from embxfer.core import Abort, Receiver, Registered, SendMessage
+
+    receiver = Receiver(S)
+    assert receiver.cancel(8, 0.0, "gave up early") == []  # nobody to tell yet
+    actions = receiver.receive(Registered(77, 1, "session", ""), 0.1)
+    aborts = [a.message for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Abort)]
+    assert aborts == [Abort(8, 0, "gave up early")]
+    again = receiver.receive(Registered(77, 1, "session", ""), 0.2)
+    assert not [a for a in again if isinstance(a, SendMessage) and isinstance(a.message, Abort)]  # once

@@ -261,9 +261,14 @@ class EmbeddingReceiver(_Request):
         if refusal is not None:
             return self._latch(Poll.Failed, f"the encode server at {self.bootstrap_addr} refused: {refusal}")
         waited = self.mgr.now() - self.created
+        if not self.link.endpoint.peer_ready:
+            if waited > self.mgr.settings.bootstrap_timeout:
+                return self._latch(Poll.Failed, f"no encode server answered at {self.bootstrap_addr} "
+                                                f"within {self.mgr.settings.bootstrap_timeout:g} s")
+            return Poll.Bootstrapping
         if waited > self.mgr.settings.admission_timeout:
             return self._latch(Poll.Failed, f"no blocks for {waited:.1f} s (admission_timeout)")
-        return Poll.WaitingForInput if self.link.endpoint.peer_ready else Poll.Bootstrapping
+        return Poll.WaitingForInput
 
     def _continue_in_place(self) -> None:
         """A later round of a room the scheduler resumed once: move the rows that landed

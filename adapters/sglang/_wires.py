@@ -53,6 +53,7 @@ class EmbeddingManager(ManagerBase):
         return LanguageClient(
             self.settings, f"{host}:{int(port) + encode_rank}", rank=rank, required_dst_info_num=required,
             host=self.host, engine=self.engine, rows=self.rows, allocator=self.allocator.core, lock=self.lock,
+            wait_for_peer=False,  # the scheduler's thread never waits: its polls say Bootstrapping meanwhile
         )
 
     def close(self) -> None:

@@ -90,6 +90,24 @@ def poll_and_all_reduce(pollers: list[Any], group: "TpGroup") -> list[int]:
     return [min(int(p.poll()) for p in group.same_request(poller)) for poller in pollers]
 
 
+def init_data_manager(buffers: Any, scheduler: Any, mode: DisaggregationMode, manager_class: Any) -> Any:
+    """Both queues' ``_init_data_manager``: the buffers' pointers go to the manager in kv_args."""
+    kv_args = SimpleNamespace(engine_rank=scheduler.tp_rank)
+    kv_args.aux_data_ptrs, kv_args.aux_data_lens, kv_args.aux_item_lens = buffers.get_buf_infos()
+    return get_kv_class(manager_class, KVClassType.MANAGER)(kv_args, mode, scheduler.server_args)
+
+
+def metadata_pool(server_args: Any) -> tuple[Any, Any]:
+    """The scheduler's ``init_disaggregation``: the block allocator and the buffers, sized
+    from the fork's environment variables."""
+    buffer_size = int(os.environ.get("SGLANG_EMBEDDING_CACHE_BUFFER_SIZE", "64"))
+    block_size = int(os.environ.get("SGLANG_EMBEDDING_CACHE_BLOCK_SIZE", "8192"))
+    allocator = embxfer_sglang.ReqToMetadataBlockAllocator(buffer_size, block_size=block_size)
+    buffers = embxfer_sglang.MultimodalDataBuffers(buffer_size, block_size, server_args.hidden_size,
+                                                   num_deepstack_embeddings=0)
+    return allocator, buffers
+
+
 class TpGroup:
     """The ranks of one server, run in lock step in one thread: the all-reduce of a request's
     poll takes the minimum over the rank objects of the same request."""
@@ -118,19 +136,27 @@ class MultimodalLanguageRequest:
         self.partial_aux_datas: torch.Tensor | None = None
 
 
-class LanguagePreallocQueue:
-    def __init__(self, allocator: Any, buffers: Any, scheduler: "LanguageScheduler", manager_class: Any) -> None:
+class _FirstQueue:
+    """What the queues that meet a request first share: the pool, the manager, the group."""
+
+    mode: DisaggregationMode
+
+    def __init__(self, allocator: Any, buffers: Any, scheduler: Any, manager_class: Any) -> None:
         self.allocator = allocator
         self.metadata_buffers = buffers
         self.scheduler = scheduler
         self.tp_rank = scheduler.tp_rank
         self.gloo_group = scheduler.group
         self.bootstrap_port = scheduler.server_args.disaggregation_bootstrap_port
+        self.data_manager = init_data_manager(buffers, scheduler, self.mode, manager_class)
+
+
+class LanguagePreallocQueue(_FirstQueue):
+    mode = DisaggregationMode.LANGUAGE
+
+    def __init__(self, allocator: Any, buffers: Any, scheduler: "LanguageScheduler", manager_class: Any) -> None:
+        super().__init__(allocator, buffers, scheduler, manager_class)
         self.default_allocate_tokens = int(os.getenv("SGLANG_EMBEDDING_DEFAULT_ALLOCATE_BUFFER_SIZE", "8192"))
-        kv_args = SimpleNamespace(engine_rank=self.tp_rank)
-        kv_args.aux_data_ptrs, kv_args.aux_data_lens, kv_args.aux_item_lens = buffers.get_buf_infos()
-        self.data_manager = get_kv_class(manager_class, KVClassType.MANAGER)(
-            kv_args, DisaggregationMode.LANGUAGE, scheduler.server_args)
         self.queue: list[MultimodalLanguageRequest] = []
 
     def add(self, req: Req) -> None:
@@ -280,12 +306,7 @@ class LanguageScheduler:
         self.tp_rank = tp_rank
         self.server_args = server_args
         self.group = group or TpGroup()
-        buffer_size = int(os.environ.get("SGLANG_EMBEDDING_CACHE_BUFFER_SIZE", "64"))
-        block_size = int(os.environ.get("SGLANG_EMBEDDING_CACHE_BLOCK_SIZE", "8192"))
-        self.req_to_metadata_buffer_idx_allocator = embxfer_sglang.ReqToMetadataBlockAllocator(
-            buffer_size, block_size=block_size)
-        self.disagg_metadata_buffers = embxfer_sglang.MultimodalDataBuffers(
-            buffer_size, block_size, server_args.hidden_size, num_deepstack_embeddings=0)
+        self.req_to_metadata_buffer_idx_allocator, self.disagg_metadata_buffers = metadata_pool(server_args)
         self.transfer_queue = LanguageTransferQueue(
             self.req_to_metadata_buffer_idx_allocator, self.disagg_metadata_buffers, self)
         self.prealloc_queue = LanguagePreallocQueue(
@@ -326,18 +347,11 @@ class LanguageScheduler:
 
 
 # -- encode side (multimodal_embedding.py) ------------------------------------------------
-class EncodeBootstrapQueue:
+class EncodeBootstrapQueue(_FirstQueue):
+    mode = DisaggregationMode.ENCODE
+
     def __init__(self, allocator: Any, buffers: Any, scheduler: "EncodeScheduler", manager_class: Any) -> None:
-        self.allocator = allocator
-        self.metadata_buffers = buffers
-        self.scheduler = scheduler
-        self.tp_rank = scheduler.tp_rank
-        self.gloo_group = scheduler.group
-        self.bootstrap_port = scheduler.server_args.disaggregation_bootstrap_port
-        kv_args = SimpleNamespace(engine_rank=self.tp_rank)
-        kv_args.aux_data_ptrs, kv_args.aux_data_lens, kv_args.aux_item_lens = buffers.get_buf_infos()
-        self.data_manager = get_kv_class(manager_class, KVClassType.MANAGER)(
-            kv_args, DisaggregationMode.ENCODE, scheduler.server_args)
+        super().__init__(allocator, buffers, scheduler, manager_class)
         self.queue: list[Req] = []
 
     def add(self, req: Req) -> None:
@@ -385,12 +399,7 @@ class EncodeScheduler:
         self.server_args = server_args
         self.group = group or TpGroup()
         self.embeddings = embeddings  # room -> (embedding, fill_ids, mrope (3, n), delta): the "model"
-        buffer_size = int(os.environ.get("SGLANG_EMBEDDING_CACHE_BUFFER_SIZE", "64"))
-        block_size = int(os.environ.get("SGLANG_EMBEDDING_CACHE_BLOCK_SIZE", "8192"))
-        self.req_to_metadata_buffer_idx_allocator = embxfer_sglang.ReqToMetadataBlockAllocator(
-            buffer_size, block_size=block_size)
-        self.disagg_metadata_buffers = embxfer_sglang.MultimodalDataBuffers(
-            buffer_size, block_size, server_args.hidden_size, num_deepstack_embeddings=0)
+        self.req_to_metadata_buffer_idx_allocator, self.disagg_metadata_buffers = metadata_pool(server_args)
         self.bootstrap_queue = EncodeBootstrapQueue(
             self.req_to_metadata_buffer_idx_allocator, self.disagg_metadata_buffers, self, manager_class)
         self.waiting_queue: list[Req] = []

@@ -87,6 +87,14 @@ class LanguageClient(_Runtime):
         with self.lock:
             self._hand_over(self.endpoint.resume(room, allocation, sent_tokens, time.monotonic()))
 
+    def release(self, allocation: Any) -> bool:
+        """The application frees blocks of a scheduler-driven room (deferred while a sender
+        may still write them); the I/O thread then serves rooms waiting for blocks."""
+        with self.lock:
+            freed = bool(self.endpoint.release(allocation))
+        self._wake()
+        return freed
+
     def cancel(self, room: int, reason: str) -> None:
         """Give up a room before its init: the encode side is told."""
         with self.lock:

@@ -198,6 +198,13 @@ class ReceiverHandle(_Handle):
         """Start ``room``; with ``allocation`` (from ``allocator``) it is scheduler-driven."""
         self._run(self.endpoint.init(room, self.network.now, allocation))
 
+    def release(self, allocation: Any) -> bool:
+        """The application frees blocks of a scheduler-driven room (deferred while a sender
+        may still write them); rooms waiting for blocks are served at once."""
+        freed = bool(self.endpoint.release(allocation))
+        self._run(self.endpoint.tick(self.network.now))
+        return freed
+
     def cancel(self, room: int, reason: str) -> None:
         """Give up a room before its init: the sender is told."""
         self._run(self.endpoint.cancel(room, self.network.now, reason))

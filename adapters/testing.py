@@ -25,6 +25,7 @@ from embxfer.core import LocalProtocolError, Poll, Settings
 from embxfer.specs import invariants
 from embxfer.specs.tables import FAILED, SUCCESS
 
+from ._app_scheduler import AppScheduler
 from ._loopback import SENDER, LoopbackLink, receiver_name
 from .workload import room_data
 
@@ -44,6 +45,7 @@ class LoopbackModel(RuleBasedStateMachine):
     faults: bool = True
     duplicates: bool = True  # duplicate control messages (on with faults, or alone)
     max_rooms: int = 6
+    scheduler_driven: bool = True  # some rooms get their blocks from the application (``AppScheduler``)
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,6 +63,7 @@ class LoopbackModel(RuleBasedStateMachine):
         # control messages already delivered: the network may deliver a copy of any of them
         # again, at any later stage of its room
         self.delivered: list[Any] = []
+        self.app = AppScheduler(self.settings)
         network, deliver = self.link.network, self.link.network.deliver
 
         def deliver_and_remember(index: int = 0) -> Any:
@@ -73,14 +76,15 @@ class LoopbackModel(RuleBasedStateMachine):
 
     # -- workload ------------------------------------------------------------------------
     @rule(length=st.integers(min_value=1, max_value=40), send_now=st.booleans(),
-          abort_now=st.sampled_from([None, None, None, "sender", "receiver"]))
+          abort_now=st.sampled_from([None, None, None, "sender", "receiver"]), scheduled=st.booleans())
     @precondition(lambda self: self.next_room < self.max_rooms)
-    def open_room(self, length: int, send_now: bool, abort_now: str | None) -> None:
+    def open_room(self, length: int, send_now: bool, abort_now: str | None, scheduled: bool) -> None:
         room = self.next_room
         self.next_room += 1
         self.data[room] = room_data(7, room, self.settings, num_tokens=length)
         for rx in self._live_receivers():
-            rx.init(room)
+            if not (scheduled and self.scheduler_driven and self.app.init(rx, room)):
+                rx.init(room)
         if abort_now is not None and self.faults:
             # an abort racing the init from either side: final, whatever arrives first
             self.disturbed = True
@@ -92,6 +96,14 @@ class LoopbackModel(RuleBasedStateMachine):
             self._send(room)
         else:
             self.unsent.append(room)
+
+    @rule(pick=st.integers(min_value=0))
+    @precondition(lambda self: bool(self.app.waiting(self._live_receivers())))
+    def schedule_next_round(self, pick: int) -> None:
+        """The application reads a landed round, frees its blocks and asks for the next."""
+        waiting = self.app.waiting(self._live_receivers())
+        rx, room = waiting[pick % len(waiting)]
+        self.app.next_round(rx, room)
 
     @rule(bad=st.sampled_from(BAD_ROOMS), call=st.sampled_from(["init", "send", "abort", "take", "poll"]))
     def invalid_room(self, bad: Any, call: str) -> None:
@@ -125,6 +137,9 @@ class LoopbackModel(RuleBasedStateMachine):
     def take_if_done(self, pick: int, rank: int) -> None:
         room = pick % self.next_room
         rx = self.link.receivers[rank % self.receivers]
+        if (room, rx.rank) in self.app.held:
+            self._finish_scheduled()
+            return
         if (room, rx.rank) not in self.taken and rx.endpoint.state_of(room) is not None:
             if rx.poll(room) == Poll.Success:
                 received = rx.take(room)
@@ -243,6 +258,7 @@ class LoopbackModel(RuleBasedStateMachine):
             while self.unsent:
                 self._send(self.unsent.pop())
             link.run_until_idle()
+            self._drive_scheduled()
             for rx in link.receivers:
                 for room in range(self.next_room):
                     if (room, rx.rank) not in self.taken:
@@ -253,8 +269,10 @@ class LoopbackModel(RuleBasedStateMachine):
                 break
             link.advance(max(0.0, deadline - link.now) + 0.01)
             link.run_until_idle()
+            self._drive_scheduled()
         else:
             raise AssertionError("deadlines kept coming: something never ends")
+        self._finish_scheduled()  # the application reads and frees what it still holds
         states: list[tuple[str, str]] = []
         for handle in (link.sender, *link.receivers):
             if handle.name in link.network.crashed:
@@ -274,6 +292,29 @@ class LoopbackModel(RuleBasedStateMachine):
             assert rx.endpoint.quarantined_blocks == 0
         if SENDER not in link.network.crashed:
             assert not link.sender.sources, f"sources still held: {sorted(link.sender.sources)}"
+
+    def _drive_scheduled(self) -> None:
+        """The application reads and frees every scheduler-driven room that ended and asks
+        for the next round of every one that waits for it, until none of that helps."""
+        for _ in range(1000):
+            finished = self._finish_scheduled()
+            resumed = [self.app.next_round(rx, room) for rx, room in self.app.waiting(self._live_receivers())]
+            if not finished and not any(resumed):
+                return  # nothing ended and no blocks free for any waiting room (they time out)
+            self.link.run_until_idle()
+        raise AssertionError("scheduler-driven rooms kept asking for rounds")
+
+    def _finish_scheduled(self) -> int:
+        finished = 0
+        for rx in self._live_receivers():
+            for room, rank in list(self.app.held):
+                if rank == rx.rank and (room, rank) not in self.app.done and rx.endpoint.is_finished(room):
+                    problems = self.app.finish(rx, room, self.data[room])
+                    assert not problems, problems
+                    if (room, rank) in self.app.succeeded:
+                        self.taken.add((room, rank))
+                    finished += 1
+        return finished
 
     def _live_receivers(self) -> list[Any]:
         return [rx for rx in self.link.receivers if rx.name not in self.link.network.crashed]

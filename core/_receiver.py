@@ -89,6 +89,7 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
         self._registration: Register | None = None  # re-sent while the sender is lost
         self._next_registration: float | None = None
         self._waiting_init: deque[int] = deque()  # FCFS for default allocations
+        self._waiting_peer: deque[int] = deque()  # scheduler-driven rooms: their blocks in hand
         self._waiting_resume: deque[int] = deque()  # rooms between rounds, holding no blocks
         self._quarantine: dict[int, _Quarantined] = {}
         self._quarantine_deadlines = Deadlines()
@@ -167,7 +168,7 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
             record.allocation = allocation
         self.rooms[room] = record
         self._deadlines.set(room, record.deadline)
-        self._waiting_init.append(room)
+        (self._waiting_peer if allocation is not None else self._waiting_init).append(room)
         actions: list[Action] = []
         self._serve_waiting(now, actions)
         if record.state == BOOTSTRAPPING and not record.told_sender and self.peer_ready:
@@ -345,26 +346,31 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
             if record is None or record.state != TRANSFERRING:
                 continue
             self._grant_resume(record, now, actions)
+        while self._waiting_peer:  # scheduler-driven rooms brought their blocks: only the sender was missing
+            record = self.rooms.get(self._waiting_peer.popleft())
+            if record is not None and record.state == BOOTSTRAPPING:
+                self._send_init(record, record.allocation, now, actions)
         while self._waiting_init:
             record = self.rooms.get(self._waiting_init[0])
             if record is None or record.state != BOOTSTRAPPING:
                 self._waiting_init.popleft()
                 continue
-            allocation = record.allocation  # a scheduler-driven room brought its own
-            if allocation is None:
-                allocation = allocator.alloc(self.prealloc.first_blocks(allocator.free_blocks) * allocator.block_size,
-                                             owner=record.room)
+            allocation = allocator.alloc(self.prealloc.first_blocks(allocator.free_blocks) * allocator.block_size,
+                                         owner=record.room)
             if allocation is None:
                 return  # first come, first served: nobody overtakes the head
             self._waiting_init.popleft()
-            record.allocation = allocation
-            record.requested = True
-            record.told_sender = True
-            actions.append(SendMessage(Init(
-                record.room, self.rank, self.required_dst_info_num, self.settings.block_size,
-                allocation.capacity_tokens, allocation.extents,
-            )))
-            self._step(record, INIT_SENT, now, actions)
+            self._send_init(record, allocation, now, actions)
+
+    def _send_init(self, record: _ReceiverRoom, allocation: Allocation, now: float, actions: list[Action]) -> None:
+        record.allocation = allocation
+        record.requested = True
+        record.told_sender = True
+        actions.append(SendMessage(Init(
+            record.room, self.rank, self.required_dst_info_num, self.settings.block_size,
+            allocation.capacity_tokens, allocation.extents,
+        )))
+        self._step(record, INIT_SENT, now, actions)
 
     def _grant_resume(self, record: _ReceiverRoom, now: float, actions: list[Action],
                       allocation: Allocation | None = None) -> None:

@@ -29,6 +29,7 @@ class SenderLink:
     _next_registration: float | None
     _liveness: Liveness
     _waiting_init: Any
+    _waiting_peer: Any
     # since when the sender we knew is dead (silent past the limit), until a sender answers
     _dead_since: float | None = None
     _dead_reason: str = ""
@@ -130,7 +131,7 @@ class SenderLink:
 
     def _dead_peer_deadline(self) -> float | None:
         """When rooms still waiting to start give up on a sender known dead."""
-        if self._dead_since is None or not self._waiting_init:
+        if self._dead_since is None or not (self._waiting_init or self._waiting_peer):
             return None
         return self._dead_since + self.settings.dead_peer_grace
 
@@ -142,7 +143,8 @@ class SenderLink:
             return
         grace = self.settings.dead_peer_grace
         reason = f"encode peer dead ({self._dead_reason}); no new encode process answered within {grace:g} s"
-        while self._waiting_init:
-            record = self.rooms.get(self._waiting_init.popleft())
-            if record is not None and record.state not in TERMINAL_STATES:
-                self._fail(record, PEER_LOST, reason, now, actions)
+        for waiting in (self._waiting_peer, self._waiting_init):
+            while waiting:
+                record = self.rooms.get(waiting.popleft())
+                if record is not None and record.state not in TERMINAL_STATES:
+                    self._fail(record, PEER_LOST, reason, now, actions)

@@ -87,7 +87,7 @@ class ManagerBase:
         """The engine freed blocks: at once, unless an endpoint still holds them."""
         for link in self._links.values():
             if link.endpoint.holds(allocation):
-                link.endpoint.release(allocation)
+                link.release(allocation)
                 return
         self.allocator.core.free(allocation)
 

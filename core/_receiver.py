@@ -28,21 +28,11 @@ from ._errors import LocalProtocolError
 from ._messages import U64_MAX, Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Registered, Resume, Status
 from ._admission import aux_problem, outside_pool, write_problem
 from ._prealloc import prealloc_policy
+from ._quarantine import Quarantine, Quarantined
 from ._receiver_peer import SenderLink
 from ._scheduled import ScheduledRounds
 from ._settings import Settings
 from ._timers import Deadlines
-
-
-@attrs.define(slots=True)
-class _Quarantined:
-    """Blocks of a failed room that its sender may still write: the round they were told
-    for, so a late write of that round is recognised as the room's own.  (Not frozen: it
-    holds an ``Allocation``, which is compared by identity and copied with its allocator.)"""
-
-    allocation: Allocation
-    round: int
-    sent_tokens: int
 
 
 @attrs.define(slots=True)
@@ -67,7 +57,7 @@ class _ReceiverRoom:
         return self.aux.total_tokens if self.aux is not None else None
 
 
-class Receiver(ScheduledRounds, SenderLink, Endpoint):
+class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
     role = "receiver"
 
     def __init__(self, settings: Settings, *, rank: int = 0, required_dst_info_num: int = 1, incarnation: int = 1,
@@ -91,7 +81,7 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
         self._waiting_init: deque[int] = deque()  # FCFS for default allocations
         self._waiting_peer: deque[int] = deque()  # scheduler-driven rooms: their blocks in hand
         self._waiting_resume: deque[int] = deque()  # rooms between rounds, holding no blocks
-        self._quarantine: dict[int, _Quarantined] = {}
+        self._quarantine: dict[int, Quarantined] = {}
         self._quarantine_deadlines = Deadlines()
         self._held_app_allocations: dict[int, int] = {}
         self._release_pending: set[int] = set()
@@ -108,15 +98,8 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
         ]
         return min(deadlines) if deadlines else None
 
-    def next_quarantine_deadline(self) -> float | None:
-        return self._quarantine_deadlines.next_deadline()
-
     def _gauges(self) -> dict[str, int]:
         return {"quarantined_blocks": self.quarantined_blocks, "free_blocks": self.allocator.free_blocks}
-
-    @property
-    def quarantined_blocks(self) -> int:
-        return sum(q.allocation.num_blocks for q in self._quarantine.values())
 
     @property
     def free_blocks(self) -> int:
@@ -201,25 +184,10 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
         self._expire_rooms(now, actions)
-
-        def release(room: Any) -> None:
-            held = self._quarantine.pop(room, None)
-            if held is not None:
-                self.stats["quarantine_expired"] += 1
-                self._free_blocks_of(held.allocation)
-
-        self._quarantine_deadlines.pop_expired(now, release)
+        self._expire_quarantine(now)
         self._tick_peer(now, actions)
         self._serve_waiting(now, actions)
         return actions
-
-    def release_quarantine(self) -> int:
-        """Free every quarantined allocation now (the process is going away, so no sender
-        write can reach this pool any more).  Returns the number of blocks freed."""
-        blocks = self.quarantined_blocks
-        for room in list(self._quarantine):
-            self._release_quarantine(room)
-        return blocks
 
     # -- message handlers --------------------------------------------------------------
     def _on_status(self, message: Status, now: float, aux: AuxHeader | None, aux_error: str) -> list[Action]:
@@ -348,7 +316,7 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
             self._grant_resume(record, now, actions)
         while self._waiting_peer:  # scheduler-driven rooms brought their blocks: only the sender was missing
             record = self.rooms.get(self._waiting_peer.popleft())
-            if record is not None and record.state == BOOTSTRAPPING:
+            if record is not None and record.state == BOOTSTRAPPING and record.allocation is not None:
                 self._send_init(record, record.allocation, now, actions)
         while self._waiting_init:
             record = self.rooms.get(self._waiting_init[0])
@@ -397,10 +365,7 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
         record.allocation = None
         if allocation is not None:
             if record.requested and not sender_quiet:
-                # the sender may still write these slots: hold them until it acknowledges
-                self._quarantine[record.room] = _Quarantined(allocation, record.round, record.sent_tokens)
-                self._quarantine_deadlines.set(record.room, now + self.settings.quarantine_timeout)
-                self.stats["blocks_quarantined"] += allocation.num_blocks
+                self._quarantine_room(record, allocation, now)
             else:
                 self._free_blocks_of(allocation)
         if record.told_sender and not sender_quiet:
@@ -411,11 +376,3 @@ class Receiver(ScheduledRounds, SenderLink, Endpoint):
 
     def _last_round(self, record: _ReceiverRoom) -> int:
         return record.round
-
-    def _release_quarantine(self, room: int) -> bool:
-        held = self._quarantine.pop(room, None)
-        if held is None:
-            return False
-        self._quarantine_deadlines.clear(room)
-        self._free_blocks_of(held.allocation)
-        return True

@@ -191,9 +191,13 @@ def serve_language(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     elapsed = time.monotonic() - started
+    # honest counts: rooms never started are not failures, and rooms still in flight when
+    # the run was interrupted were aborted by the shutdown, not by the protocol
+    not_started = len(pending)
     summary = {
-        "role": "language", "rank": args.rank, "requests": args.requests, "succeeded": succeeded,
-        "failed": failed + (len(active) + len(pending) if interrupted else 0), "wrong_rows": wrong,
+        "role": "language", "rank": args.rank, "requests": args.requests,
+        "started": args.requests - not_started, "succeeded": succeeded, "failed": failed,
+        "in_flight_at_interrupt": len(active) if interrupted else 0, "not_started": not_started, "wrong_rows": wrong,
         "verified": bool(args.verify), "failure_reasons": dict(reasons),
         "resume_rounds_histogram": {str(k): rounds[k] for k in sorted(rounds)},
         "bytes": byte_count, "seconds": round(elapsed, 3),
@@ -204,7 +208,11 @@ def serve_language(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary), flush=True)
     else:
-        print(f"embxfer serve-language rank {args.rank}: {succeeded}/{args.requests} rooms succeeded, {summary['failed']} failed, "
+        head = (f"interrupted: {summary['started']} of {args.requests} rooms started, {succeeded} succeeded, "
+                f"{failed} failed, {summary['in_flight_at_interrupt']} in flight (aborted at shutdown), "
+                f"{not_started} not started" if interrupted else
+                f"{succeeded}/{args.requests} rooms succeeded, {failed} failed")
+        print(f"embxfer serve-language rank {args.rank}: {head}, "
               f"{wrong} with wrong rows{' (verified)' if args.verify else ''}; {byte_count / 1e6:.1f} MB in {elapsed:.2f} s; "
               f"resume rounds {summary['resume_rounds_histogram']}; leaked blocks {summary['leaked_blocks']}", flush=True)
         if reasons:

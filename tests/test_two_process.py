@@ -90,6 +90,10 @@ def test_ctrl_c_on_the_language_side_fails_rooms_with_shutdown_and_frees_blocks(
         summary = summary_of(out)
         assert summary["interrupted"] and summary["leaked_blocks"] == 0 and summary["wrong_rows"] == 0
         assert 0 < summary["succeeded"] < 100000 and process.returncode == 1
+        # honest counts: what never started is not a failure; what was in flight was cut by the shutdown
+        assert summary["started"] + summary["not_started"] == 100000 and summary["not_started"] > 0, summary
+        assert summary["succeeded"] + summary["failed"] + summary["in_flight_at_interrupt"] == summary["started"]
+        assert summary["failed"] == 0 and summary["in_flight_at_interrupt"] <= 8, summary
         # the encode side keeps serving: a new language process succeeds
         again = language(addr, 6, "--no-progress", "--first-room", "200000")
         out, err = again.communicate(timeout=120)
@@ -99,6 +103,31 @@ def test_ctrl_c_on_the_language_side_fails_rooms_with_shutdown_and_frees_blocks(
     # rooms the language side abandoned were aborted ("shutdown") and the encode side let go
     assert encode_summary["sources_held"] == 0
     assert encode_summary["failed"] <= summary["aborted_at_shutdown"]
+
+
+def test_an_interrupted_text_summary_says_so_and_counts_what_never_started():
+    encode, addr = start_encode()
+    try:
+        process = subprocess.Popen(
+            [*CLI, "serve-language", "--bootstrap-addr", addr, "--requests", "100000", "--in-flight", "8",
+             "--synthetic-seed", "5", *SETTINGS],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        seen = ""
+        while not any(int(n) > 0 for n in re.findall(r"(\d+)/100000", seen)):
+            chunk = process.stderr.read(1)
+            assert chunk, "serve-language ended before showing progress"
+            seen += chunk
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+        line = next(line for line in out.splitlines() if line.startswith("embxfer serve-language"))
+        started, succeeded, failed, in_flight, not_started = map(int, re.search(
+            r"interrupted: (\d+) of 100000 rooms started, (\d+) succeeded, (\d+) failed, (\d+) in flight "
+            r"\(aborted at shutdown\), (\d+) not started", line).groups())
+        assert started + not_started == 100000 and succeeded + failed + in_flight == started and not_started > 0
+        assert process.returncode == 1
+    finally:
+        stop_encode(encode)
 
 
 def test_language_side_says_clearly_when_no_encode_server_answers():

@@ -60,18 +60,35 @@ class LanguageClient(_Runtime):
         self.socket.send_multipart(encode(self.endpoint.register_message(endpoint=bootstrap_addr, session_id=session_id)))
         self.socket.send_multipart(encode(self._layout))
         self._thread.start()
-        if not wait_for_peer:
-            return  # the caller watches ``endpoint.peer_ready`` / ``endpoint.refusal`` itself
-        timeout = settings.bootstrap_timeout if connect_timeout is None else connect_timeout
+        if wait_for_peer:  # otherwise the caller waits (``wait_connected``) or watches the endpoint
+            self.wait_connected(settings.bootstrap_timeout if connect_timeout is None else connect_timeout)
+
+    def wait_connected(self, timeout: float, cancelled: Any = None) -> bool:
+        """Block until the encode server accepted our registration (True), or ``cancelled()``
+        turns true (False; checked at least every 0.2 s, so Ctrl-C is never swallowed).  No
+        answer within ``timeout``, or a refusal: ``ConnectionError`` with the reason, and
+        this client is closed."""
         endpoint = self.endpoint
+        deadline = time.monotonic() + timeout
         with self.changed:
-            if not self.changed.wait_for(lambda: endpoint.peer_ready or endpoint.refusal is not None, timeout):
-                self.close(reason="bootstrap failed")
-                raise ConnectionError(f"no encode server answered at {bootstrap_addr} within {timeout:g} s")
-            refusal = endpoint.refusal
+            while not (endpoint.peer_ready or endpoint.refusal is not None):
+                if cancelled is not None and cancelled():
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.changed.wait(min(left, 0.2))
+            ready, refusal = endpoint.peer_ready, endpoint.refusal
+        if ready:
+            return True
         if refusal is not None:
             self.close(reason="registration refused")
-            raise ConnectionError(f"the encode server at {bootstrap_addr} refused the registration: {refusal}")
+            raise ConnectionError(f"the encode server at {self.bootstrap_addr} refused the registration: {refusal}")
+        interrupted = cancelled is not None and cancelled()
+        self.close(reason="interrupted" if interrupted else "bootstrap failed")
+        if interrupted:
+            return False
+        raise ConnectionError(f"no encode server answered at {self.bootstrap_addr} within {timeout:g} s")
 
     @property
     def allocator(self) -> Any:

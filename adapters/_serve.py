@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -133,7 +134,13 @@ def serve_language(args: argparse.Namespace) -> int:
     try:
         client = LanguageClient(settings, args.bootstrap_addr, rank=args.rank,
                                 required_dst_info_num=args.required_dst_info_num, protocol=args.protocol,
-                                device=args.device, host=args.host, verbose=args.verbose)
+                                device=args.device, host=args.host, verbose=args.verbose, wait_for_peer=False)
+        if not client.wait_connected(settings.bootstrap_timeout, cancelled=stop.event.is_set):
+            print("embxfer serve-language: interrupted while connecting", file=sys.stderr, flush=True)
+            # nothing started, the client is closed: leave now (Mooncake's engine takes about a
+            # second to tear down at interpreter exit, and Ctrl-C must not wait for it)
+            sys.stdout.flush()
+            os._exit(130)
     except MooncakeUnavailable as error:
         print(f"embxfer: {error}", file=sys.stderr)
         return 3

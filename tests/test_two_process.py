@@ -130,6 +130,26 @@ def test_an_interrupted_text_summary_says_so_and_counts_what_never_started():
         stop_encode(encode)
 
 
+def test_ctrl_c_while_connecting_exits_at_once():
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port where nothing answers
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [*CLI, "serve-language", "--bootstrap-addr", f"127.0.0.1:{port}", "--requests", "5", *SETTINGS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    line = process.stderr.readline()
+    assert "registering with" in line, line
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 1.0, "Ctrl-C during connect took too long"
+    assert process.returncode == 130 and "interrupted while connecting" in err, err
+
+
 def test_language_side_says_clearly_when_no_encode_server_answers():
     import socket
 

@@ -75,18 +75,23 @@ def test_fan_out_to_two_language_processes():
     assert encode_summary["succeeded"] == 12 and encode_summary["sources_held"] == 0
 
 
+def interrupt_mid_run(process: subprocess.Popen, requests: int) -> tuple[str, str]:
+    """Wait for the progress bar to show rooms completing, then Ctrl-C; (stdout, stderr)."""
+    seen = ""
+    while not any(int(n) > 0 for n in re.findall(rf"(\d+)/{requests}", seen)):
+        chunk = process.stderr.read(1)
+        assert chunk, "serve-language ended before showing progress"
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    return out, seen + err
+
+
 def test_ctrl_c_on_the_language_side_fails_rooms_with_shutdown_and_frees_blocks():
     encode, addr = start_encode()
     try:
         process = language(addr, 100000, "--in-flight", "8")
-        # wait for the progress bar to show rooms completing, then interrupt mid-transfer
-        seen = ""
-        while not any(int(n) > 0 for n in re.findall(r"(\d+)/100000", seen)):
-            chunk = process.stderr.read(1)
-            assert chunk, "serve-language ended before showing progress"
-            seen += chunk
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        out, err = interrupt_mid_run(process, 100000)
         summary = summary_of(out)
         assert summary["interrupted"] and summary["leaked_blocks"] == 0 and summary["wrong_rows"] == 0
         assert 0 < summary["succeeded"] < 100000 and process.returncode == 1
@@ -113,13 +118,7 @@ def test_an_interrupted_text_summary_says_so_and_counts_what_never_started():
              "--synthetic-seed", "5", *SETTINGS],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        seen = ""
-        while not any(int(n) > 0 for n in re.findall(r"(\d+)/100000", seen)):
-            chunk = process.stderr.read(1)
-            assert chunk, "serve-language ended before showing progress"
-            seen += chunk
-        process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=60)
+        out, _ = interrupt_mid_run(process, 100000)
         line = next(line for line in out.splitlines() if line.startswith("embxfer serve-language"))
         started, succeeded, failed, in_flight, not_started = map(int, re.search(
             r"interrupted: (\d+) of 100000 rooms started, (\d+) succeeded, (\d+) failed, (\d+) in flight "

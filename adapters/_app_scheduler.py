@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from embxfer.core import Allocation, Poll
+from embxfer.core import Allocation
 from embxfer.specs import invariants
-from embxfer.specs.tables import TRANSFERRING
+from embxfer.specs.tables import SUCCESS, TRANSFERRING
 from embxfer.transports.buffers import Assembly
 
 APP = "application"
@@ -60,11 +60,12 @@ class AppScheduler:
         return True
 
     def finish(self, rx: Any, room: int, sent_data: Any) -> list[str]:
-        """An ended room: read and check a success, free the blocks, forget the room."""
+        """An ended (or expired) room: read and check a success, free the blocks, forget the room."""
         key = (room, rx.rank)
         held = self.held.get(key)
         problems: list[str] = []
-        if rx.poll(room) == Poll.Success:
+        state = rx.endpoint.state_of(room)  # None: forgotten unread (retention_timeout passed)
+        if state == SUCCESS:
             assert held is not None
             self._collect(rx, room, held)
             problems = invariants.rows_equal(sent_data, self.assemblies.pop(key).result())
@@ -73,7 +74,8 @@ class AppScheduler:
             rx.release(held)  # deferred while a sender may still write the blocks
             self.held[key] = None
         self.assemblies.pop(key, None)
-        rx.clear(room)
+        if state is not None:
+            rx.clear(room)
         self.done.add(key)
         return problems
 

@@ -299,16 +299,17 @@ class LoopbackModel(RuleBasedStateMachine):
         for _ in range(1000):
             finished = self._finish_scheduled()
             resumed = [self.app.next_round(rx, room) for rx, room in self.app.waiting(self._live_receivers())]
-            if not finished and not any(resumed):
-                return  # nothing ended and no blocks free for any waiting room (they time out)
-            self.link.run_until_idle()
+            delivered = self.link.run_until_idle()  # (a free may have let a waiting room send its init)
+            if not finished and not any(resumed) and not delivered:
+                return  # nothing moves: the rooms left wait for their timeouts
         raise AssertionError("scheduler-driven rooms kept asking for rounds")
 
     def _finish_scheduled(self) -> int:
         finished = 0
         for rx in self._live_receivers():
             for room, rank in list(self.app.held):
-                if rank == rx.rank and (room, rank) not in self.app.done and rx.endpoint.is_finished(room):
+                if rank == rx.rank and (room, rank) not in self.app.done and (
+                        rx.endpoint.is_finished(room) or rx.endpoint.state_of(room) is None):  # ended, or expired
                     problems = self.app.finish(rx, room, self.data[room])
                     assert not problems, problems
                     if (room, rank) in self.app.succeeded:

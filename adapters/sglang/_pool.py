@@ -29,7 +29,7 @@ import torch
 
 from embxfer.core import Allocation, AllocatorError, AuxHeader, LocalProtocolError, ProtocolError, Settings
 from embxfer.core import Allocator as CoreAllocator
-from embxfer.transports.buffers import PoolBuffers, torch_dtype
+from embxfer.transports.buffers import PoolBuffers
 
 log = logging.getLogger("embxfer.sglang")
 
@@ -285,7 +285,3 @@ def _slots(blocks: list[int], block_size: int, num_tokens: int) -> torch.Tensor:
     base = torch.as_tensor(blocks[:full + (1 if rest else 0)], dtype=torch.int64) * block_size
     slots = (base[:, None] + torch.arange(block_size)[None, :]).reshape(-1)
     return slots[:num_tokens]
-
-
-def dtype_of(settings: Settings) -> torch.dtype:
-    return torch_dtype(settings.dtype)

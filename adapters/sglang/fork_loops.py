@@ -108,6 +108,17 @@ def metadata_pool(server_args: Any) -> tuple[Any, Any]:
     return allocator, buffers
 
 
+def abort_with_its_failure(req: Req, poller: Any, what: str) -> None:
+    """The fork's Failed branch: the poller's ``failure_exception`` joins the abort message
+    (the fork catches every exception there)."""
+    message = f"{what} failed for {req.rid=} {req.bootstrap_room=}"
+    try:
+        poller.failure_exception()
+    except Exception as error:
+        message += f" with exception {error}"
+    prepare_abort(req, message, status_code=500)
+
+
 class TpGroup:
     """The ranks of one server, run in lock step in one thread: the all-reduce of a request's
     poll takes the minimum over the rank objects of the same request."""
@@ -200,12 +211,7 @@ class LanguagePreallocQueue(_FirstQueue):
             elif poll == KVPoll.WaitingForInput:
                 r.waiting_for_input = True
             elif poll == KVPoll.Failed:
-                message = f"handshake failed for {r.req.rid=} {r.req.bootstrap_room=}"
-                try:
-                    r.embedding_receiver.failure_exception()
-                except Exception as error:  # the fork catches everything here
-                    message += f" with exception {error}"
-                prepare_abort(r.req, message, status_code=500)
+                abort_with_its_failure(r.req, r.embedding_receiver, "handshake")
 
 
 class LanguageTransferQueue:
@@ -220,12 +226,7 @@ class LanguageTransferQueue:
         self.queue.extend(requests)
 
     def _handle_failed_request(self, r: MultimodalLanguageRequest) -> None:
-        message = f"transfer failed for {r.req.rid=} {r.req.bootstrap_room=}"
-        try:
-            r.embedding_receiver.failure_exception()
-        except Exception as error:
-            message += f" with exception {error}"
-        prepare_abort(r.req, message, status_code=500)
+        abort_with_its_failure(r.req, r.embedding_receiver, "transfer")
         self.scheduler.stream_output([r.req])
         self.allocator.free(block_indices=r.embedding_indices, req_id=r.req.rid, fake=False)
 
@@ -370,12 +371,7 @@ class EncodeBootstrapQueue(_FirstQueue):
             if poll == KVPoll.Bootstrapping:
                 continue
             if poll == KVPoll.Failed:
-                message = f"bootstrap failed for {req.rid=} {req.bootstrap_room=}"
-                try:
-                    req.disagg_embedding_sender.failure_exception()
-                except Exception as error:
-                    message += f" with exception {error}"
-                prepare_abort(req, message, status_code=500)
+                abort_with_its_failure(req, req.disagg_embedding_sender, "bootstrap")
                 self.scheduler.stream_output([req])
                 removed.add(i)
                 continue
@@ -445,12 +441,7 @@ class EncodeScheduler:
                     req.disagg_embedding_sender.clear()
                 done.append(req)
             elif poll == KVPoll.Failed:
-                message = f"transfer failed for {req.rid=} {req.bootstrap_room=}"
-                try:
-                    req.disagg_embedding_sender.failure_exception()
-                except Exception as error:
-                    message += f" with exception {error}"
-                prepare_abort(req, message, status_code=500)
+                abort_with_its_failure(req, req.disagg_embedding_sender, "transfer")
                 done.append(req)
             # Bootstrapping: no branch (the fork drops such a request from the queue)
         for req in done:

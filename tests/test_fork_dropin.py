@@ -46,9 +46,12 @@ def abort_right_after(target: Any, method: str, abort: Any) -> list[str]:
     fired: list[str] = []
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        setattr(target, method, original)
-        abort()
+        # under the manager's lock, which the I/O threads need too: nothing the call started
+        # can be carried (let alone land) before the abort
+        with target.mgr.lock:
+            result = original(*args, **kwargs)
+            setattr(target, method, original)
+            abort()
         fired.append(method)
         return result
 

@@ -4,22 +4,30 @@ zero-copy zmq frames from one writer thread)."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from embxfer.core import (
-    Action, DecodeError, Init, LocalProtocolError, PoolLayout, Register, Registered, ReleaseSource,
+    Action, DecodeError, Init, LocalProtocolError, Poll, PoolLayout, Register, Registered, ReleaseSource,
     RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, check_room, decode, encode,
 )
+from embxfer.specs.schemas import MAX_EXTENTS
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
 from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter
 
+from ._failure_log import RateLimitedLog
 from ._runtime import _Runtime, new_incarnation
+
+log = logging.getLogger("embxfer")
+
+MAX_CONTROL_FRAME = 8 * MAX_EXTENTS  # bytes: an Init's extents frame at its largest (8 bytes an extent)
 
 
 class RowWriter(Protocol):
@@ -29,7 +37,9 @@ class RowWriter(Protocol):
     def submit(self, write: WriteRows, session: str, layout: PoolLayout,
                on_done: Callable[[WriteRows, "str | None"], None]) -> None: ...
     def release(self, room: int) -> None: ...
-    def close(self) -> None: ...
+    def cancel(self, room: int) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self, grace: float = ...) -> int: ...
 
 
 class EncodeServer(_Runtime):
@@ -44,11 +54,14 @@ class EncodeServer(_Runtime):
                  protocol: str = "tcp", device: str = "",
                  data_for_room: Callable[[int], EmbeddingData | None] | None = None,
                  verbose: bool = False, engine: MooncakeEngine | None = None, forget_finished: bool = False,
-                 lock: Any = None) -> None:
+                 lock: Any = None, close_grace: float = 2.0, cancelled: Any = None) -> None:
         super().__init__(settings, "encode", lock)
         # a server nobody polls (serve-encode) forgets each room once it ends, so a
         # long-running process holds records only for rooms in flight
         self.forget_finished = forget_finished
+        self.close_grace = close_grace
+        self.abandoned_writes = 0  # writes still inside the data plane when ``close`` gave up on them
+        self.refusal_log = RateLimitedLog(log, "encode", "registrations refused")
         self.engine: MooncakeEngine | None = None
         self.writer: RowWriter
         if settings.data_plane == "zmq":
@@ -59,7 +72,8 @@ class EncodeServer(_Runtime):
                                     heartbeat_timeout=settings.heartbeat_interval * settings.heartbeat_misses)
             self.session_id = SENDER_SESSION
         else:
-            self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
+            self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
+                                                   retry_for=settings.bootstrap_timeout, cancelled=cancelled)
             self.writer = MooncakeWriter(self.engine, settings.block_size)
             self.session_id = self.engine.session_id
         self.endpoint = Sender(settings, incarnation=new_incarnation(), session_id=self.session_id)
@@ -68,6 +82,14 @@ class EncodeServer(_Runtime):
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         # a language client reconnecting under its routing id takes its old place over
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # the socket monitor says when a connection closes (by its file descriptor): a killed
+        # holder of a rank is seen at once, so its restart may take the rank at once (while
+        # a live holder's rank is refused to any other process)
+        # no control frame is larger than the largest valid one (an Init's extents): ZeroMQ
+        # drops the connection of a peer that sends one, before buffering it
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME)
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._rank_by_fd: dict[int, int] = {}
         if bootstrap_port:
             self.socket.bind(f"tcp://{host}:{bootstrap_port}")
             self.port = bootstrap_port
@@ -119,7 +141,34 @@ class EncodeServer(_Runtime):
         with self.lock:
             return self.endpoint.busy_rooms()
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _receive_all(self) -> None:
+        while True:
+            try:
+                # zero-copy frames only to learn the connection (SRCFD) each message came by
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            payload = [frame.bytes for frame in frames]
+            try:
+                fd = frames[0].get(zmq.SRCFD)
+            except zmq.ZMQError:  # a frame that carries no connection: only the disconnect rule misses it
+                fd = -1
+            self._guarded(lambda: self._on_frames(payload, fd))
+
+    def _on_monitor(self) -> None:
+        monitor = self.monitor
+        assert monitor is not None  # set in __init__
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                # (ZeroMQ does not say why: a peer that went away, or one dropped for an oversized frame)
+                self.counters["connections_closed"] += 1
+                self._on_disconnect(int(event["value"]))
+
+    def _on_frames(self, frames: list[bytes], fd: int = -1) -> None:
         if len(frames) < 2:
             raise DecodeError("frames", "no routing identity")
         identity, payload = frames[0], frames[1:]
@@ -127,13 +176,15 @@ class EncodeServer(_Runtime):
         now = time.monotonic()
         rank = getattr(message, "rank", None)
         if isinstance(message, Register):
-            self._on_register(identity, message, now)
+            self._on_register(identity, message, now, fd)
             return
         if rank is not None and self._identities.get(rank) != identity:
             # only the socket that registered a rank speaks for it: a stray or stale peer
             # naming the rank must not steal its replies nor move its pool
             self.counters["unregistered_dropped"] += 1
             return
+        if rank is not None and self._rank_by_fd.get(fd) != rank:
+            self._rank_by_fd[fd] = rank  # the holder reconnected (a network blip): its new connection
         self._run(self.endpoint.receive(message, now))
         if isinstance(message, Init) and self.data_for_room is not None and message.room not in self._sources:
             if not self.endpoint.is_finished(message.room) and not self.endpoint.has_data(message.room):
@@ -141,17 +192,30 @@ class EncodeServer(_Runtime):
                 if data is not None:  # None: this room's data is not (yet) known
                     self._send_locked(message.room, data)
 
-    def _on_register(self, identity: bytes, message: Register, now: float) -> None:
+    def _on_register(self, identity: bytes, message: Register, now: float, fd: int = -1) -> None:
         """The core accepts or refuses the rank; its answer goes back to the socket that
         asked, and only an accepted socket speaks for the rank from then on."""
         actions = self.endpoint.receive(message, now)
         replies = [a.message for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Registered)]
         if any(reply.accepted for reply in replies):
             self._identities[message.rank] = identity
+            self._rank_by_fd[fd] = message.rank
             self._sessions[message.rank] = message.session_id
         for reply in replies:
+            if not reply.accepted:
+                self.refusal_log.warning("refused a registration as rank %d: %s", message.rank, reply.reason)
             self._send_control([identity, *encode(reply)])
         self._run(a for a in actions if not (isinstance(a, SendMessage) and isinstance(a.message, Registered)))
+
+    def _on_disconnect(self, fd: int) -> None:
+        """A connection closed.  A rank whose holder spoke by it stays registered (ZeroMQ
+        reconnects under the same routing id after a network blip), but a new process may
+        now take the rank without waiting out the heartbeat limit: a killed process is
+        replaced at once by its restart."""
+        rank = self._rank_by_fd.pop(fd, None)
+        registration = self.endpoint.peers.get(rank) if rank is not None else None
+        if rank is not None and registration is not None:
+            self.endpoint.peer_disconnected(rank, registration.incarnation)
 
     def _after_wake(self) -> None:
         while True:
@@ -187,12 +251,15 @@ class EncodeServer(_Runtime):
                 self.endpoint.forget(action.room)  # released only once the room has ended
         elif isinstance(action, RoomFinished):
             self.counters["rooms_finished"] += 1
+            if action.poll == Poll.Failed:
+                self.writer.cancel(action.room)  # its writes not yet started never start
         return None
 
     def stats(self) -> dict[str, Any]:
-        data_plane = {f"data_{k}": v for k, v in self.writer.stats().items()} if isinstance(self.writer, ZmqWriter) else {}
+        data_plane = {f"data_{k}": v for k, v in self.writer.stats().items()}
         return {**super().stats(), **data_plane}
 
     def _close_endpoint(self) -> None:
-        self.writer.close()
+        # writes in flight get a short grace; the rest are abandoned (counted), never waited on
+        self.abandoned_writes = self.writer.close(self.close_grace)
         self._after_wake()

@@ -26,7 +26,7 @@ class LanguageClient(_Runtime):
                  protocol: str = "tcp", device: str = "", host: str = "127.0.0.1", verbose: bool = False,
                  engine: MooncakeEngine | None = None, connect_timeout: float | None = None,
                  rows: RowSink | None = None, allocator: Any = None, lock: Any = None,
-                 wait_for_peer: bool = True) -> None:
+                 wait_for_peer: bool = True, cancelled: Any = None) -> None:
         """``rows``, ``allocator`` and ``lock`` shared by several clients (one per encode
         server) make them one pool; its Mooncake registration is then the caller's (pass
         the ``engine`` it registered the pool with)."""
@@ -46,7 +46,9 @@ class LanguageClient(_Runtime):
             )
             session_id, addresses = self.data_receiver.session_id, pool_extent(self.buffers)
         else:
-            self.engine = engine or MooncakeEngine(host, protocol, device, verbose)
+            # a quick restart within a pinned port range waits for its ports, up to the bootstrap timeout
+            self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
+                                                   retry_for=settings.bootstrap_timeout, cancelled=cancelled)
             if not shared_pool:
                 register_pool(self.engine, self.buffers)
             session_id, addresses = self.engine.session_id, pool_addresses(self.buffers)

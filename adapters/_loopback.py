@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from embxfer.core import (
-    Action, DecodeError, Heartbeat, LocalProtocolError, Poll, Receiver, Register, ReleaseSource, RoomFailedError, SendMessage,
-    Sender, Settings, WriteRows, check_room, decode, encode,
+    Action, DecodeError, Heartbeat, LocalProtocolError, Poll, Receiver, Register, Registered, ReleaseSource, RoomFailedError,
+    SendMessage, Sender, Settings, WriteRows, check_room, decode, encode,
 )
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.loopback import LoopbackNetwork, Packet
@@ -121,8 +121,20 @@ class SenderHandle(_Handle):
         if message is None:
             return
         if isinstance(message, Register):
-            self.rank_nodes[message.rank] = packet.src  # where this rank's messages and writes go
+            self._on_register(packet.src, message)
+            return
         self._run(self.endpoint.receive(message, self.network.now))
+
+    def _on_register(self, node: str, message: Register) -> None:
+        """The answer goes to the node that asked; only an accepted node speaks for the
+        rank from then on (a refused one must not move the holder's messages)."""
+        actions = self.endpoint.receive(message, self.network.now)
+        for action in actions:
+            if isinstance(action, SendMessage) and isinstance(action.message, Registered):
+                if action.message.accepted:
+                    self.rank_nodes[message.rank] = node  # where this rank's messages and writes go
+                self.network.send(self.name, node, encode(action.message))
+        self._run(a for a in actions if not (isinstance(a, SendMessage) and isinstance(a.message, Registered)))
 
     def _on_write_done(self, packet: Packet, error: str | None) -> None:
         write: WriteRows = packet.write

@@ -22,7 +22,10 @@ import zmq
 from embxfer.core import Action, DecodeError, Poll, RoomFinished, Settings
 from embxfer.transports.wakeup import Wakeup
 
+from ._failure_log import FailureLog
+
 log = logging.getLogger("embxfer")
+log.addHandler(logging.NullHandler())  # a library: the application decides what is shown (the CLI does)
 
 
 def new_incarnation() -> int:
@@ -33,6 +36,7 @@ def new_incarnation() -> int:
 class _Runtime:
     endpoint: Any
     socket: zmq.Socket
+    monitor: zmq.Socket | None = None  # the socket's monitor, when a runtime watches connections
 
     def __init__(self, settings: Settings, name: str, lock: Any = None) -> None:
         self.settings = settings
@@ -48,6 +52,7 @@ class _Runtime:
         # called on the I/O thread for every room that ends (``embxfer.adapters.aio``)
         self._finished_listeners: list[Callable[[RoomFinished], None]] = []
         self._stopping = False
+        self.failure_log = FailureLog(log, name)
         self._thread = threading.Thread(target=self._loop, name=f"embxfer-{name}", daemon=True)
 
     # -- the loop ------------------------------------------------------------------------
@@ -55,6 +60,8 @@ class _Runtime:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self._wakeup.read_fd, zmq.POLLIN)
+        if self.monitor is not None:
+            poller.register(self.monitor, zmq.POLLIN)
         while not self._stopping:
             with self.lock:
                 deadline = self.endpoint.next_deadline()
@@ -67,6 +74,8 @@ class _Runtime:
                     break
                 while self._loop_calls:
                     self._guarded(self._loop_calls.popleft())
+                if self.monitor is not None and self.monitor in events:
+                    self._guarded(self._on_monitor)  # before messages: a connection closed came first
                 if self.socket in events:
                     self._receive_all()
                 self._after_wake()
@@ -96,6 +105,9 @@ class _Runtime:
             log.exception("%s: error while handling an input", self.name)
 
     def _after_wake(self) -> None:
+        pass
+
+    def _on_monitor(self) -> None:
         pass
 
     def _on_frames(self, frames: list[bytes]) -> None:
@@ -135,7 +147,7 @@ class _Runtime:
 
     def _log_finished(self, finished: RoomFinished) -> None:
         if finished.poll == Poll.Failed:
-            log.info("%s: room %d failed in round %d: %s", self.name, finished.room, finished.round, finished.reason)
+            self.failure_log.failed(finished.room, finished.round, finished.reason)
         else:
             log.debug("%s: room %d succeeded in round %d", self.name, finished.room, finished.round)
 
@@ -196,7 +208,8 @@ class _Runtime:
     def stats(self) -> dict[str, Any]:
         """Counters, gauges and histograms of this side (see ``embxfer.core`` metrics)."""
         with self.lock:
-            return {**self.endpoint.metrics(), **self.counters}
+            not_logged = {"failures_not_logged": self.failure_log.suppressed_total} if self.failure_log.suppressed_total else {}
+            return {**self.endpoint.metrics(), **self.counters, **not_logged}
 
     def close(self, reason: str = "shutdown") -> int:
         """Fail every room still in flight with ``reason``, tell peers, free blocks, stop.
@@ -218,6 +231,10 @@ class _Runtime:
         self._wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
+        self.failure_log.flush()
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
         self.socket.close(linger=200)
         self.context.term()
         self._wakeup.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from embxfer.transports.mooncake import MooncakeUnavailable
 
 from ._encode import EncodeServer
 from ._language import LanguageClient
+from ._native_stderr import hide_native_log_lines
 from .settings_flags import add_settings_flags, settings_from  # noqa: F401  (add_settings_flags: re-exported)
 from .workload import room_data
 
@@ -66,16 +68,36 @@ def _progress(total: int | None, desc: str, enabled: bool) -> Any:
 
 
 class _Stop:
-    """Ctrl-C / SIGTERM set an event the main thread waits on; the I/O thread is untouched."""
+    """Ctrl-C / SIGTERM set an event the main thread waits on; the I/O thread is untouched.
+    A second one while the shutdown runs exits at once (nothing is cleaned up then)."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.event.set())
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, *_: Any) -> None:
+        if self.event.is_set():
+            os.write(sys.stderr.fileno(), b"embxfer: interrupted again, exiting now without cleaning up\n")
+            os._exit(130)
+        self.event.set()
+
+
+def _show_logs(verbose: bool) -> None:
+    """A server shows, on stderr, each failed room (rate-limited) and each refused peer;
+    with --verbose, every room and Mooncake's own lines as well."""
+    if not verbose:
+        hide_native_log_lines()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("embxfer %(message)s"))
+    logger = logging.getLogger("embxfer")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def serve_encode(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    _show_logs(args.verbose)
     stop = _Stop()
     seed, skip = args.synthetic_seed, args.skip_every
 
@@ -88,8 +110,11 @@ def serve_encode(args: argparse.Namespace) -> int:
     try:
         server = EncodeServer(settings, host=args.host, bootstrap_port=args.bootstrap_port, protocol=args.protocol,
                               device=args.device, data_for_room=data_for_room, verbose=args.verbose,
-                              forget_finished=True)
+                              forget_finished=True, close_grace=args.shutdown_grace, cancelled=stop.event.is_set)
     except MooncakeUnavailable as error:
+        if stop.event.is_set():
+            print("embxfer serve-encode: interrupted while starting", file=sys.stderr, flush=True)
+            return 130
         print(f"embxfer: {error}", file=sys.stderr)
         return 3
     plane = "zmq" if server.engine is None else f"mooncake/{args.protocol}, session {server.session_id}"
@@ -98,13 +123,22 @@ def serve_encode(args: argparse.Namespace) -> int:
     bar = _progress(None, "encode rooms", not args.no_progress)
     shown = 0
     started = time.monotonic()
+    next_status = started + args.status_every if args.status_every > 0 else None
     while not stop.event.is_set():
         stop.event.wait(0.2)  # the UI thread's refresh tick; the protocol never waits on it
-        done = server.stats().get("rooms_finished", 0)
+        stats = server.stats()
+        done = stats.get("rooms_finished", 0)
+        if next_status is not None and time.monotonic() >= next_status:
+            next_status += args.status_every
+            print(json.dumps(_status(server, stats)), flush=True)
         if bar is not None and done > shown:
             bar.update(done - shown)
             shown = done
     in_flight = server.rooms_in_flight()
+    writing = server.stats().get("data_writes_in_engine", 0)
+    print(f"embxfer serve-encode: shutting down ({in_flight} rooms in flight, {writing} writes in the data plane, "
+          f"given up to {args.shutdown_grace:g} s; Ctrl-C again exits at once)", file=sys.stderr, flush=True)
+    closing = time.monotonic()
     server.close(reason="shutdown")
     _stop_metrics(metrics)
     stats = server.stats()
@@ -114,19 +148,41 @@ def serve_encode(args: argparse.Namespace) -> int:
         "role": "encode", "seconds": round(time.monotonic() - started, 3),
         "succeeded": stats.get("rooms_succeeded", 0), "failed": stats.get("rooms_failed", 0),
         "failed_at_shutdown": in_flight, "rows_written": stats.get("bytes_rows_written", 0),
-        "sources_held": server.sources_held(),
+        "sources_held": server.sources_held(), "abandoned_writes": server.abandoned_writes,
+        "shutdown_seconds": round(time.monotonic() - closing, 3),
         "dropped": {k: v for k, v in stats.items() if k.endswith("_dropped")},
         "counters": _counters(stats),
     }
     print(json.dumps(summary) if args.json else
           f"embxfer serve-encode: {summary['succeeded']} rooms succeeded, {summary['failed']} failed "
           f"({in_flight} in flight at shutdown), {summary['rows_written']} rows written, "
-          f"{summary['sources_held']} sources held", flush=True)
-    return 0
+          f"{summary['sources_held']} sources held"
+          + (f"; abandoned {server.abandoned_writes} writes stuck in the data plane" if server.abandoned_writes else ""),
+          flush=True)
+    return 0  # (the CLI exits without waiting for writes abandoned inside the data plane)
+
+
+def _status(server: EncodeServer, stats: dict[str, Any]) -> dict[str, Any]:
+    """One line of ``serve-encode --status-every``: what an operator asks a running server."""
+    return {
+        "status": "encode", "rooms_in_flight": server.rooms_in_flight(), "sources_held": server.sources_held(),
+        "succeeded": stats.get("rooms_succeeded", 0), "failed": stats.get("rooms_failed", 0),
+        "peers_alive": stats.get("peers_alive", 0),
+        "writes_in_data_plane": stats.get("data_writes_in_engine", 0), "rss_mb": round(_rss_mb(), 1),
+    }
+
+
+def _interrupted_while_connecting() -> None:
+    print("embxfer serve-language: interrupted while connecting", file=sys.stderr, flush=True)
+    # nothing started, the client is closed: leave now (Mooncake's engine takes about a
+    # second to tear down at interpreter exit, and Ctrl-C must not wait for it)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def serve_language(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    _show_logs(args.verbose)
     stop = _Stop()
     if not args.json:  # (with --json, stdout and stderr carry only the summary and errors)
         print(f"embxfer serve-language: registering with {args.bootstrap_addr} (rank {args.rank})", file=sys.stderr,
@@ -134,14 +190,13 @@ def serve_language(args: argparse.Namespace) -> int:
     try:
         client = LanguageClient(settings, args.bootstrap_addr, rank=args.rank,
                                 required_dst_info_num=args.required_dst_info_num, protocol=args.protocol,
-                                device=args.device, host=args.host, verbose=args.verbose, wait_for_peer=False)
+                                device=args.device, host=args.host, verbose=args.verbose, wait_for_peer=False,
+                                cancelled=stop.event.is_set)
         if not client.wait_connected(settings.bootstrap_timeout, cancelled=stop.event.is_set):
-            print("embxfer serve-language: interrupted while connecting", file=sys.stderr, flush=True)
-            # nothing started, the client is closed: leave now (Mooncake's engine takes about a
-            # second to tear down at interpreter exit, and Ctrl-C must not wait for it)
-            sys.stdout.flush()
-            os._exit(130)
+            _interrupted_while_connecting()
     except MooncakeUnavailable as error:
+        if stop.event.is_set():
+            _interrupted_while_connecting()
         print(f"embxfer: {error}", file=sys.stderr)
         return 3
     except ConnectionError as error:

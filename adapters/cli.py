@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="answer every room with deterministic synthetic rows")
     encode.add_argument("--skip-every", type=int, default=0, metavar="N",
                         help="with --synthetic-seed: never send every Nth room (its receiver times out; for soak tests)")
+    encode.add_argument("--status-every", type=float, default=0, metavar="SECONDS",
+                        help="print a JSON status line (rooms, writes in the data plane, memory) every SECONDS")
+    encode.add_argument("--shutdown-grace", type=float, default=2.0, metavar="SECONDS",
+                        help="at Ctrl-C, how long writes already in the data plane may take before they are "
+                             "abandoned (default 2; a second Ctrl-C exits at once)")
     encode.add_argument("--json", action="store_true")
     encode.add_argument("--no-progress", action="store_true")
     encode.add_argument("--verbose", action="store_true")

@@ -21,6 +21,9 @@ class _Peer:
     next_heartbeat: float
     alive: bool = True
     sequence: int = 0
+    since: float = 0.0  # when this incarnation registered
+    # its connection closed (the transport said so): a successor may take the key at once
+    disconnected: bool = False
 
 
 class Liveness:
@@ -35,10 +38,29 @@ class Liveness:
         """``key`` (re)registered; returns the incarnation it replaces, if it differs."""
         peer = self.peers.get(key)
         previous = peer.incarnation if peer is not None else None
-        self.peers[key] = _Peer(incarnation, now, now + self.interval)
+        self.peers[key] = _Peer(incarnation, now, now + self.interval, since=now)
         if previous is not None and incarnation is not None and previous != incarnation:
             return previous
         return None
+
+    def holder(self, key: int, incarnation: int | None, now: float) -> tuple[int, float, float] | None:
+        """(incarnation, registered at, last heard) of a *live* peer other than
+        ``incarnation`` that holds ``key``: alive, heard within the limit, connected.
+        None when the key is free for ``incarnation`` to take."""
+        peer = self.peers.get(key)
+        if peer is None or peer.incarnation is None or incarnation is None or peer.incarnation == incarnation:
+            return None
+        if not peer.alive or peer.disconnected or now - peer.heard > self.limit:
+            return None
+        return peer.incarnation, peer.since, peer.heard
+
+    def disconnected(self, key: int, incarnation: int | None) -> bool:
+        """The transport saw ``key``'s connection close; True when it was that incarnation's."""
+        peer = self.peers.get(key)
+        if peer is None or peer.incarnation != incarnation:
+            return False
+        peer.disconnected = True
+        return True
 
     def incarnation(self, key: int) -> int | None:
         peer = self.peers.get(key)
@@ -53,6 +75,7 @@ class Liveness:
         if peer is None:
             return False
         peer.heard = max(peer.heard, now)
+        peer.disconnected = False  # it speaks again: reconnected under its routing id
         revived = not peer.alive
         if revived:
             peer.alive = True

@@ -50,8 +50,30 @@ class ReceiverRanks:
         return {"peers_alive": sum(1 for rank in self.peers if self._liveness.is_alive(rank))}
 
     # -- inputs ------------------------------------------------------------------------
+    def peer_disconnected(self, rank: int, incarnation: int | None) -> bool:
+        """The transport saw the connection of ``rank``'s ``incarnation`` close (a killed
+        process closes its sockets at once).  Its rooms still wait for the heartbeat limit,
+        since a connection may come back; but a new process may now take the rank."""
+        if self._liveness.disconnected(rank, incarnation):
+            self.stats["peers_disconnected"] += 1
+            return True
+        return False
+
     def _on_register(self, message: Register, now: float) -> list[Action]:
-        """Accept or refuse a receiver rank, and answer it (``Registered``) either way."""
+        """Accept or refuse a receiver rank, and answer it (``Registered``) either way.
+
+        A rank belongs to one process at a time: while its holder is alive (heard within
+        the heartbeat limit, connection open), another incarnation's Register is refused
+        and nothing of the holder's changes.  Only a holder gone silent or disconnected is
+        replaced (a restart), and its rooms fail."""
+        holder = self._liveness.holder(message.rank, message.incarnation, now)
+        if holder is not None:
+            incarnation, since, heard = holder
+            self.stats["registrations_held"] += 1
+            reason = (f"rank {message.rank} is held by a live language process (incarnation {incarnation:x}, "
+                      f"registered {now - since:.1f} s ago, heard {now - heard:.1f} s ago); "
+                      f"pass another --rank or stop it")
+            return [SendMessage(Registered(self.incarnation, 0, self.session_id, reason[:REASON_BYTES]), message.rank)]
         actions: list[Action] = []
         replaced = self._liveness.register(message.rank, message.incarnation, now)
         if replaced is not None:

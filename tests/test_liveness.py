@@ -146,6 +146,7 @@ def test_sender_a_restarted_receiver_is_a_new_peer_and_old_rooms_fail_quietly() 
     sender.receive(init(5), 0.0)
     sender.send(5, 20, 0, 0.0)
     assert sender.poll(5) == Poll.WaitingForInput or sender.poll(5) == Poll.Transferring
+    assert sender.peer_disconnected(0, 1)  # the old process's connection closed (killed)
     actions = sender.receive(register(2), 1.0)
     assert sender.poll(5) == Poll.Failed
     assert sender.failure(5) == "receiver rank 0 restarted (incarnation 1 -> 2)"
@@ -158,6 +159,54 @@ def test_sender_a_restarted_receiver_is_a_new_peer_and_old_rooms_fail_quietly() 
     sender.receive(init(5), 2.0)
     assert sender.poll(5) == Poll.Bootstrapping or sender.poll(5) == Poll.WaitingForInput
     assert sender.stats["late_dropped"] == 0
+
+
+def test_sender_refuses_a_second_process_on_a_live_holders_rank_and_changes_nothing() -> None:
+    """A rank belongs to one live process: a second one's Register is refused with the
+    reason, and the holder keeps its rooms, its pool and its place."""
+    sender = Sender(LIVE, incarnation=77)
+    sender.receive(register(1), 0.0)
+    sender.receive(init(5), 0.0)
+    sender.send(5, 20, 0, 0.0)
+    before = sender.poll(5)
+    actions = sender.receive(register(2), 2.0)
+    [reply] = [a for a in actions if isinstance(a, SendMessage)]
+    assert isinstance(reply.message, Registered) and reply.message.accepted == 0
+    assert reply.message.reason.startswith("rank 0 is held by a live language process (incarnation 1, registered 2.0 s ago")
+    assert reply.message.reason.endswith("pass another --rank or stop it")
+    assert sender.poll(5) == before and sender.peers[0].incarnation == 1 and sender.peer_alive(0)
+    assert sender.stats["registrations_held"] == 1 and sender.stats["peers_restarted"] == 0
+    # the holder re-registering (same incarnation) is no conflict
+    assert sender.receive(register(1), 2.5)[0].message.accepted == 1
+    assert sender.poll(5) == before
+
+
+@pytest.mark.parametrize("gone", ["silent", "disconnected"])
+def test_sender_lets_a_new_process_take_a_rank_whose_holder_is_gone(gone: str) -> None:
+    sender = Sender(LIVE, incarnation=77)
+    sender.receive(register(1), 0.0)
+    sender.receive(init(5), 0.0)
+    if gone == "silent":
+        sender.tick(DEATH_BOUND)  # declared dead
+        now = DEATH_BOUND
+    else:
+        assert not sender.peer_disconnected(0, 9)  # another incarnation's connection: not the holder's
+        assert sender.peer_disconnected(0, 1)
+        now = 0.5
+    actions = sender.receive(register(2), now)
+    assert [a.message.accepted for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Registered)] == [1]
+    assert sender.poll(5) == Poll.Failed
+    assert sender.failure(5) == ("receiver rank 0 silent for 4 s (peer dead)" if gone == "silent"
+                                 else "receiver rank 0 restarted (incarnation 1 -> 2)")
+
+
+def test_a_disconnected_holder_that_speaks_again_holds_its_rank_again() -> None:
+    """ZeroMQ reconnects under the same routing id after a blip: the holder is back."""
+    sender = Sender(LIVE, incarnation=77)
+    sender.receive(register(1), 0.0)
+    sender.peer_disconnected(0, 1)
+    sender.receive(Heartbeat(0, 1, 1), 0.5)
+    assert sender.receive(register(2), 0.6)[0].message.accepted == 0
 
 
 def test_sender_drops_heartbeats_of_an_old_incarnation() -> None:

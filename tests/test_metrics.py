@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import urllib.request
 
 import attrs
@@ -94,8 +96,11 @@ def test_a_room_finished_log_line_names_the_room_and_round(caplog) -> None:  # t
     from embxfer.adapters._runtime import _Runtime
     from embxfer.core import RoomFinished
 
+    from embxfer.adapters._failure_log import FailureLog
+
     runtime = _Runtime.__new__(_Runtime)
     runtime.name = "language0"
-    with caplog.at_level("INFO", logger="embxfer"):
+    runtime.failure_log = FailureLog(logging.getLogger("embxfer"), "language0")
+    with caplog.at_level("WARNING", logger="embxfer"):  # the level a server shows by default
         runtime._log_finished(RoomFinished(42, Poll.Failed, "timeout in state Transferring", round=3))
-    assert "room 42 failed in round 3: timeout in state Transferring" in caplog.text
+    assert "language0: room 42 failed in round 3: timeout in state Transferring" in caplog.text

@@ -8,6 +8,7 @@ memory of both processes after the first 10,000 rooms grows by less than 10%.
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 
@@ -31,22 +32,24 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.mark.parametrize(("plane", "rooms"), [("mooncake", SCALE), ("zmq", max(10_000, SCALE // 5))])
-def test_soak_many_rooms_flat_memory_and_empty_tables(plane, rooms):
+def test_soak_many_rooms_flat_memory_and_empty_tables(plane, rooms, tmp_path):
     report = 10_000 if rooms >= 20_000 else rooms // 2
+    # stderr to files: each failed room is logged (rate-limited), and nothing reads a pipe until the end
+    encode_log, language_log = open(tmp_path / "encode.stderr", "w+"), open(tmp_path / "language.stderr", "w+")
     encode = subprocess.Popen(
         [*CLI, "serve-encode", "--bootstrap-port", "0", "--synthetic-seed", "5", "--skip-every", str(SKIP_EVERY),
          "--json", "--no-progress", "--data-plane", plane, *CLI_SETTINGS, *TIMING],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=encode_log, text=True,
     )
     try:
         line = encode.stdout.readline()
-        assert "ready on" in line, line + encode.stderr.read()
+        assert "ready on" in line, line + encode_log.read()
         addr = line.split("ready on ", 1)[1].split()[0]
         language = subprocess.Popen(
             [*CLI, "serve-language", "--bootstrap-addr", addr, "--requests", str(rooms), "--in-flight", "32",
              "--verify", "--synthetic-seed", "5", "--abort-every", str(ABORT_EVERY), "--report-every", str(report),
              "--json", "--no-progress", "--data-plane", plane, *CLI_SETTINGS, *TIMING],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=language_log, text=True,
         )
         samples: list[tuple[int, float, float]] = []  # (rooms done, language RSS, encode RSS)
         lines = []
@@ -59,8 +62,15 @@ def test_soak_many_rooms_flat_memory_and_empty_tables(plane, rooms):
         summary = summary_of("".join(lines))
     finally:
         encode.send_signal(2)
-        out, err = encode.communicate(timeout=60)
+        out, _ = encode.communicate(timeout=60)
     encode_summary = summary_of(out)
+    # every failed room was logged on both sides, one line each or counted in a flood's left-out line
+    for log, failed in ((encode_log, encode_summary["failed"]), (language_log, summary["failed"])):
+        log.seek(0)
+        text = log.read()
+        each = text.count(" failed in round ")
+        left_out = sum(int(n) for n in re.findall(r"(\d+) more rooms failed within", text))
+        assert each > 0 and each + left_out == failed, (log.name, each, left_out, failed)
     first, last = samples[0], samples[-1]
     growth = (last[1] / first[1] - 1, last[2] / first[2] - 1)
     counters, enc = summary["counters"], encode_summary["counters"]

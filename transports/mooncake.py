@@ -12,6 +12,7 @@ Facts this module is built on (measured on these machines, see the README):
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -27,6 +28,7 @@ import torch
 from embxfer.core import Allocation, Allocator, PoolLayout, Settings, WriteRows
 from embxfer.specs.schemas import AUX_WORDS
 
+from ._mooncake_ports import PORTS_PER_ENGINE, free_ports, pinned_range, ports_busy_message, range_problem
 from .buffers import PoolBuffers, SourceRows
 
 ARENA_BYTES = 32 << 20  # the registered staging arena for small rooms
@@ -47,6 +49,7 @@ class MooncakeUnavailable(RuntimeError):
 
 @contextlib.contextmanager
 def _quiet_stderr(quiet: bool) -> Iterator[None]:
+    """Silence fd 2 (glog writes there, not to ``sys.stderr``) while the engine starts."""
     if not quiet:
         yield
         return
@@ -62,6 +65,17 @@ def _quiet_stderr(quiet: bool) -> Iterator[None]:
         os.close(devnull)
 
 
+def _wait(seconds: float, cancelled: Callable[[], bool] | None) -> bool:
+    """Wait ``seconds`` (a start-up retry's pause), checking ``cancelled`` every 0.1 s;
+    False when it turned true."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if cancelled is not None and cancelled():
+            return False
+        time.sleep(min(left, 0.1))
+    return not (cancelled is not None and cancelled())
+
+
 def load_transfer_engine() -> Any:
     try:
         from mooncake.engine import TransferEngine  # type: ignore[import-not-found,import-untyped,unused-ignore]
@@ -73,22 +87,41 @@ def load_transfer_engine() -> Any:
 class MooncakeEngine:
     """One ``TransferEngine`` per process, in P2P handshake mode (no metadata server)."""
 
-    def __init__(self, host: str = "127.0.0.1", protocol: str = "tcp", device: str = "", verbose: bool = False) -> None:
+    def __init__(self, host: str = "127.0.0.1", protocol: str = "tcp", device: str = "", verbose: bool = False,
+                 *, retry_for: float = 0.0, cancelled: Callable[[], bool] | None = None) -> None:
+        """``retry_for``: while Mooncake finds no free port in its range (a quick restart
+        within a pinned range: the kernel holds the old ports up to 60 s), try again with a
+        fresh engine every second for up to that many seconds; ``cancelled()`` stops it."""
         if not verbose:
-            os.environ.setdefault("MC_LOG_LEVEL", "ERROR")  # glog is chatty; read at engine creation
+            # glog is chatty (ERROR is its quietest level; read at engine creation)
+            os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
         # a peer that never answers would hold a write ~5 s per attempt (the default), and
         # handshakes are serialised: an advertised address nobody answers stalls every peer
         os.environ.setdefault("MC_HANDSHAKE_CONNECT_TIMEOUT", "1")
+        ports = pinned_range()
+        problem = range_problem(ports) if ports is not None else None
+        if problem is not None:
+            raise MooncakeUnavailable(problem)
         engine_class = load_transfer_engine()
-        with _quiet_stderr(not verbose):
-            # even at ERROR, glog prints two harmless lines at start-up; the rc says if it failed
-            self.engine = engine_class()
-            rc = self.engine.initialize(host, "P2PHANDSHAKE", protocol, device)
-        if rc != 0:
-            raise MooncakeUnavailable(
-                f"Mooncake failed to initialise (initialize returned {rc}) for protocol {protocol!r}"
-                f"{' device ' + repr(device) if device else ''} on {host}"
-            )
+        started = time.monotonic()
+        while True:
+            with _quiet_stderr(not verbose):
+                # even at ERROR, glog prints two harmless lines at start-up; the rc says if it failed
+                self.engine = engine_class()
+                rc = self.engine.initialize(host, "P2PHANDSHAKE", protocol, device)
+            if rc == 0:
+                break
+            # a failed engine may still hold the port it did bind: drop it before trying again
+            del self.engine
+            gc.collect()
+            waited = time.monotonic() - started
+            if ports is None or free_ports(ports) >= PORTS_PER_ENGINE:
+                raise MooncakeUnavailable(
+                    f"Mooncake failed to initialise (initialize returned {rc}) for protocol {protocol!r}"
+                    f"{' device ' + repr(device) if device else ''} on {host}"
+                )
+            if waited + 1.0 > retry_for or not _wait(1.0, cancelled):
+                raise MooncakeUnavailable(ports_busy_message(ports, time.monotonic() - started))
         self.protocol = protocol
         self.session_id = f"{host}:{self.engine.get_rpc_port()}"
         self._registered: dict[int, int] = {}
@@ -197,8 +230,17 @@ class MooncakeWriter:
         self._target_lock = threading.Lock()
         self._target_running: dict[str, int] = {}
         self._target_queues: dict[str, deque[Callable[[], None]]] = {}
+        # rooms that failed: their writes not yet started never start (each would wait out
+        # Mooncake's timeout against a peer that does not answer, pinning a worker)
+        self._cancelled: set[int] = set()
+        self._closing = False
+        self._in_engine = 0  # writes inside the engine now (they cannot be interrupted)
+        self._writes_cancelled = 0
+        self._idle = threading.Condition(self._target_lock)
 
     def stage(self, room: int, source: SourceRows) -> None:
+        with self._target_lock:
+            self._cancelled.discard(room)  # a new room under a failed one's id
         if self._arena is None:
             self._arena = _StagingArena(self.engine)  # registered once, on first use
         copied = self._arena.stage(source)
@@ -211,7 +253,16 @@ class MooncakeWriter:
             self.engine.register(tensor)
         self._staged[room] = _Staged(source, aux)
 
+    def cancel(self, room: int) -> None:
+        """``room`` failed: its writes that have not started end at once, as cancelled
+        (until the room id is staged again, for a new room)."""
+        if room in self._staged:  # a room with nothing staged has no write to cancel
+            with self._target_lock:
+                self._cancelled.add(room)
+
     def release(self, room: int) -> None:
+        with self._target_lock:
+            self._cancelled.discard(room)  # every write of the room has ended
         staged = self._staged.pop(room, None)
         if staged is None:
             return
@@ -235,11 +286,23 @@ class MooncakeWriter:
             return
 
         def run() -> None:
-            try:
-                rc = self.engine.write(target, *batch)
-                error = None if rc == 0 else f"mooncake batch_transfer_sync_write returned {rc}"
-            except Exception as raised:  # the worker must survive anything the engine does
-                error = f"mooncake write raised {type(raised).__name__}: {raised}"
+            with self._target_lock:
+                cancelled = self._closing or write.room in self._cancelled
+                if not cancelled:
+                    self._in_engine += 1
+            if cancelled:
+                self._writes_cancelled += 1
+                error: str | None = "cancelled before it started (the room had failed)"
+            else:
+                try:
+                    rc = self.engine.write(target, *batch)
+                    error = None if rc == 0 else f"mooncake batch_transfer_sync_write returned {rc}"
+                except Exception as raised:  # the worker must survive anything the engine does
+                    error = f"mooncake write raised {type(raised).__name__}: {raised}"
+                finally:
+                    with self._target_lock:
+                        self._in_engine -= 1
+                        self._idle.notify_all()
             try:
                 on_done(write, error)
             finally:
@@ -298,8 +361,29 @@ class MooncakeWriter:
             lengths.append(AUX_WORDS * 8)
         return local, remote, lengths
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def stats(self) -> dict[str, int]:
+        with self._target_lock:
+            return {"writes_in_engine": self._in_engine, "writes_cancelled": self._writes_cancelled,
+                    "writes_queued": sum(len(q) for q in self._target_queues.values())}
+
+    def close(self, grace: float = 2.0) -> int:
+        """Stop: writes not started are dropped, writes inside the engine get ``grace``
+        seconds.  Returns how many were still running then (abandoned: the engine cannot
+        interrupt them, so the process should exit rather than wait; their staged rows are
+        kept, since the engine may still read them)."""
+        with self._target_lock:
+            self._closing = True
+            self._target_queues.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace
+        with self._idle:
+            while self._in_engine and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            abandoned = self._in_engine
+        if abandoned:
+            return abandoned
+        self._pool.shutdown(wait=True)  # only cancelled runs can be left: they return at once
         for room in list(self._staged):
             self.release(room)
+        return 0
 

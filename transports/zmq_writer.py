@@ -116,15 +116,21 @@ class ZmqWriter:
         with self._lock:
             return dict(self._counters)
 
-    def close(self) -> None:
-        """Stop; every write not yet acknowledged ends with an error (``on_done`` is called)."""
+    def cancel(self, room: int) -> None:
+        """A failed room: nothing to do, a write here is queued frames that never block a
+        thread (the ack timeout and the peer's death end it)."""
+
+    def close(self, grace: float = 2.0) -> int:
+        """Stop; every write not yet acknowledged ends with an error (``on_done`` is called).
+        Nothing is ever stuck in a call here, so nothing is abandoned (returns 0)."""
         with self._lock:
             if self._closed:
-                return
+                return 0
             self._closed = True
         self._wakeup.wake()
         self._thread.join(timeout=10)
         self._wakeup.close()
+        return 0
 
     # -- the writer thread ---------------------------------------------------------------
     def _loop(self) -> None:

@@ -18,6 +18,7 @@ from embxfer.core import (
     RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, check_room, decode, encode,
 )
 from embxfer.specs.schemas import MAX_EXTENTS
+from embxfer.transports.auth import CURVE_OVERHEAD, AuthKeys, peer_key, serve_securely
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
 from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter
@@ -27,6 +28,7 @@ from ._runtime import _Runtime, new_incarnation
 
 log = logging.getLogger("embxfer")
 
+HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 MAX_CONTROL_FRAME = 8 * MAX_EXTENTS  # bytes: an Init's extents frame at its largest (8 bytes an extent)
 
 
@@ -54,8 +56,12 @@ class EncodeServer(_Runtime):
                  protocol: str = "tcp", device: str = "",
                  data_for_room: Callable[[int], EmbeddingData | None] | None = None,
                  verbose: bool = False, engine: MooncakeEngine | None = None, forget_finished: bool = False,
-                 lock: Any = None, close_grace: float = 2.0, cancelled: Any = None) -> None:
+                 lock: Any = None, close_grace: float = 2.0, cancelled: Any = None,
+                 auth: AuthKeys | None = None) -> None:
+        """``auth``: CURVE keys (``embxfer.transports.auth``); only admitted language keys can
+        connect.  None: no authentication (a trusted network only)."""
         super().__init__(settings, "encode", lock)
+        self.auth = auth.for_encode() if auth is not None else None
         # a server nobody polls (serve-encode) forgets each room once it ends, so a
         # long-running process holds records only for rooms in flight
         self.forget_finished = forget_finished
@@ -69,7 +75,8 @@ class EncodeServer(_Runtime):
                 raise LocalProtocolError("a Mooncake engine was given for the zmq data plane", field="engine")
             self.writer = ZmqWriter(settings.block_size, ack_timeout=settings.transfer_timeout,
                                     heartbeat_interval=settings.heartbeat_interval,
-                                    heartbeat_timeout=settings.heartbeat_interval * settings.heartbeat_misses)
+                                    heartbeat_timeout=settings.heartbeat_interval * settings.heartbeat_misses,
+                                    auth=self.auth)
             self.session_id = SENDER_SESSION
         else:
             self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
@@ -87,8 +94,13 @@ class EncodeServer(_Runtime):
         # a live holder's rank is refused to any other process)
         # no control frame is larger than the largest valid one (an Init's extents): ZeroMQ
         # drops the connection of a peer that sends one, before buffering it
-        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME)
-        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME + (CURVE_OVERHEAD if self.auth is not None else 0))
+        self.authenticator = None
+        if self.auth is not None:
+            assert self.auth.encode_secret is not None
+            self.authenticator = serve_securely(self.context, self.socket, self.auth.encode_public,
+                                                self.auth.encode_secret, self.auth.admitted())
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURES)
         self._rank_by_fd: dict[int, int] = {}
         if bootstrap_port:
             self.socket.bind(f"tcp://{host}:{bootstrap_port}")
@@ -153,7 +165,8 @@ class EncodeServer(_Runtime):
                 fd = frames[0].get(zmq.SRCFD)
             except zmq.ZMQError:  # a frame that carries no connection: only the disconnect rule misses it
                 fd = -1
-            self._guarded(lambda: self._on_frames(payload, fd))
+            key = peer_key(frames[-1]) if self.auth is not None else None
+            self._guarded(lambda: self._on_frames(payload, fd, key))
 
     def _on_monitor(self) -> None:
         monitor = self.monitor
@@ -163,12 +176,14 @@ class EncodeServer(_Runtime):
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            if event["event"] & HANDSHAKE_FAILURES:
+                self.counters["handshakes_refused"] += 1  # (with auth: a connection that could not prove an admitted key)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
                 # (ZeroMQ does not say why: a peer that went away, or one dropped for an oversized frame)
                 self.counters["connections_closed"] += 1
                 self._on_disconnect(int(event["value"]))
 
-    def _on_frames(self, frames: list[bytes], fd: int = -1) -> None:
+    def _on_frames(self, frames: list[bytes], fd: int = -1, key: bytes | None = None) -> None:
         if len(frames) < 2:
             raise DecodeError("frames", "no routing identity")
         identity, payload = frames[0], frames[1:]
@@ -176,7 +191,7 @@ class EncodeServer(_Runtime):
         now = time.monotonic()
         rank = getattr(message, "rank", None)
         if isinstance(message, Register):
-            self._on_register(identity, message, now, fd)
+            self._on_register(identity, message, now, fd, key)
             return
         if rank is not None and self._identities.get(rank) != identity:
             # only the socket that registered a rank speaks for it: a stray or stale peer
@@ -192,7 +207,8 @@ class EncodeServer(_Runtime):
                 if data is not None:  # None: this room's data is not (yet) known
                     self._send_locked(message.room, data)
 
-    def _on_register(self, identity: bytes, message: Register, now: float, fd: int = -1) -> None:
+    def _on_register(self, identity: bytes, message: Register, now: float, fd: int = -1,
+                     key: bytes | None = None) -> None:
         """The core accepts or refuses the rank; its answer goes back to the socket that
         asked, and only an accepted socket speaks for the rank from then on."""
         actions = self.endpoint.receive(message, now)
@@ -201,6 +217,9 @@ class EncodeServer(_Runtime):
             self._identities[message.rank] = identity
             self._rank_by_fd[fd] = message.rank
             self._sessions[message.rank] = message.session_id
+            if key is not None and isinstance(self.writer, ZmqWriter):
+                # the rank's data socket proves the same key its control connection did
+                self.writer.trust(message.session_id, key)
         for reply in replies:
             if not reply.accepted:
                 self.refusal_log.warning("refused a registration as rank %d: %s", message.rank, reply.reason)
@@ -215,7 +234,7 @@ class EncodeServer(_Runtime):
         rank = self._rank_by_fd.pop(fd, None)
         registration = self.endpoint.peers.get(rank) if rank is not None else None
         if rank is not None and registration is not None:
-            self.endpoint.peer_disconnected(rank, registration.incarnation)
+            self.endpoint.peer_disconnected(rank, registration.incarnation, time.monotonic())
 
     def _after_wake(self) -> None:
         while True:

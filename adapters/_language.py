@@ -9,14 +9,20 @@ import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from embxfer.core import Action, Register, SendMessage, Receiver, Settings, decode, encode
+from embxfer.transports.auth import AuthKeys, connect_securely
 from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeEngine, pool_addresses, register_pool
 from embxfer.transports.zmq_plane import ZmqPoolReceiver, pool_extent
 
 from ._rows import RowSink
 from ._runtime import _Runtime, new_incarnation
+
+
+HANDSHAKE_REFUSED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class LanguageClient(_Runtime):
@@ -26,11 +32,13 @@ class LanguageClient(_Runtime):
                  protocol: str = "tcp", device: str = "", host: str = "127.0.0.1", verbose: bool = False,
                  engine: MooncakeEngine | None = None, connect_timeout: float | None = None,
                  rows: RowSink | None = None, allocator: Any = None, lock: Any = None,
-                 wait_for_peer: bool = True, cancelled: Any = None) -> None:
+                 wait_for_peer: bool = True, cancelled: Any = None, auth: AuthKeys | None = None) -> None:
         """``rows``, ``allocator`` and ``lock`` shared by several clients (one per encode
         server) make them one pool; its Mooncake registration is then the caller's (pass
-        the ``engine`` it registered the pool with)."""
+        the ``engine`` it registered the pool with).  ``auth``: CURVE keys; the encode side
+        must admit ours, and we speak only to the encode side that proves its key."""
         super().__init__(settings, f"language{rank}", lock)
+        auth = self.auth = auth.for_language() if auth is not None else None
         self.endpoint = Receiver(settings, rank=rank, required_dst_info_num=required_dst_info_num,
                                  incarnation=new_incarnation(), allocator=allocator)
         self.rank = rank
@@ -42,7 +50,7 @@ class LanguageClient(_Runtime):
         if settings.data_plane == "zmq":
             self.data_receiver = ZmqPoolReceiver(
                 self.buffers, lock=self.lock, counters=self.counters, host=host,
-                accept=lambda write: self.endpoint.write_problem(write) or "",
+                accept=lambda write: self.endpoint.write_problem(write) or "", auth=auth,
             )
             session_id, addresses = self.data_receiver.session_id, pool_extent(self.buffers)
         else:
@@ -58,6 +66,13 @@ class LanguageClient(_Runtime):
         self.socket = self.context.socket(zmq.DEALER)
         # a fixed routing id: after a reconnect the encode side still knows which rank speaks
         self.socket.setsockopt(zmq.ROUTING_ID, f"embxfer-rank{rank}-{self.endpoint.incarnation:x}".encode())
+        if auth is not None:
+            assert auth.language_secret is not None and auth.language_public is not None
+            connect_securely(self.socket, auth.encode_public, auth.language_public, auth.language_secret)
+        # a handshake that fails (keys that do not match, one side without auth) is a refusal
+        # with a reason, not a silent wait for the bootstrap timeout
+        self.handshake_failure: str | None = None
+        self.monitor = self.socket.get_monitor_socket(HANDSHAKE_REFUSED)
         self.socket.connect(self._bootstrap_endpoint)
         self.socket.send_multipart(encode(self.endpoint.register_message(endpoint=bootstrap_addr, session_id=session_id)))
         self.socket.send_multipart(encode(self._layout))
@@ -73,14 +88,14 @@ class LanguageClient(_Runtime):
         endpoint = self.endpoint
         deadline = time.monotonic() + timeout
         with self.changed:
-            while not (endpoint.peer_ready or endpoint.refusal is not None):
+            while not (endpoint.peer_ready or endpoint.refusal is not None or self.handshake_failure is not None):
                 if cancelled is not None and cancelled():
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.changed.wait(min(left, 0.2))
-            ready, refusal = endpoint.peer_ready, endpoint.refusal
+            ready, refusal = endpoint.peer_ready, endpoint.refusal or self.handshake_failure
         if ready:
             return True
         if refusal is not None:
@@ -90,7 +105,8 @@ class LanguageClient(_Runtime):
         self.close(reason="interrupted" if interrupted else "bootstrap failed")
         if interrupted:
             return False
-        raise ConnectionError(f"no encode server answered at {self.bootstrap_addr} within {timeout:g} s")
+        raise ConnectionError(f"no encode server answered at {self.bootstrap_addr} within {timeout:g} s"
+                              + ("" if self.auth else " (if it runs with --auth-keys, pass the same keys here)"))
 
     @property
     def allocator(self) -> Any:
@@ -155,6 +171,23 @@ class LanguageClient(_Runtime):
             # after the endpoint: every room is terminal by now, so nothing more may land
             self.data_receiver.close()
         return aborted
+
+    def _on_monitor(self) -> None:
+        assert self.monitor is not None
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.counters["handshakes_failed"] += 1
+            if self.endpoint.peer_ready:
+                continue
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.handshake_failure = "the secure handshake failed: our key is not admitted there"
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or self.counters["handshakes_failed"] >= 3:
+                # (one failure without detail may be a connection lost mid-handshake; three are not)
+                self.handshake_failure = ("the secure handshake failed: its key differs from encode-public in our "
+                                          "keys file, or one side runs without auth (--insecure)")
 
     def _on_frames(self, frames: list[bytes]) -> None:
         message = decode(frames)

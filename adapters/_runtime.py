@@ -37,6 +37,7 @@ class _Runtime:
     endpoint: Any
     socket: zmq.Socket
     monitor: zmq.Socket | None = None  # the socket's monitor, when a runtime watches connections
+    authenticator: Any = None  # the context's CURVE authenticator thread, when the socket serves securely
 
     def __init__(self, settings: Settings, name: str, lock: Any = None) -> None:
         self.settings = settings
@@ -236,6 +237,8 @@ class _Runtime:
             self.socket.disable_monitor()
             self.monitor.close(linger=0)
         self.socket.close(linger=200)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.context.term()
         self._wakeup.close()
         return aborted

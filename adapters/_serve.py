@@ -14,9 +14,11 @@ from collections import Counter
 from typing import Any
 
 from embxfer.core import LocalProtocolError, Poll
+from embxfer.transports.auth import AuthKeys
 from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeUnavailable
 
+from ._auth_flags import AuthChoiceError, auth_from
 from ._encode import EncodeServer
 from ._language import LanguageClient
 from ._native_stderr import hide_native_log_lines
@@ -95,9 +97,22 @@ def _show_logs(verbose: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def serve_encode(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace, role: str) -> tuple[Any, AuthKeys | None] | None:
+    """Settings, logs and keys of a serve command; None (having said why) when it cannot start."""
     settings = settings_from(args)
     _show_logs(args.verbose)
+    try:
+        return settings, auth_from(args, role)
+    except AuthChoiceError as error:
+        print(f"embxfer serve-{role}: {error}", file=sys.stderr)
+        return None
+
+
+def serve_encode(args: argparse.Namespace) -> int:
+    prepared = _prepare(args, "encode")
+    if prepared is None:
+        return 2
+    settings, auth = prepared
     stop = _Stop()
     seed, skip = args.synthetic_seed, args.skip_every
 
@@ -110,7 +125,8 @@ def serve_encode(args: argparse.Namespace) -> int:
     try:
         server = EncodeServer(settings, host=args.host, bootstrap_port=args.bootstrap_port, protocol=args.protocol,
                               device=args.device, data_for_room=data_for_room, verbose=args.verbose,
-                              forget_finished=True, close_grace=args.shutdown_grace, cancelled=stop.event.is_set)
+                              forget_finished=True, close_grace=args.shutdown_grace, cancelled=stop.event.is_set,
+                              auth=auth)
     except MooncakeUnavailable as error:
         if stop.event.is_set():
             print("embxfer serve-encode: interrupted while starting", file=sys.stderr, flush=True)
@@ -118,7 +134,9 @@ def serve_encode(args: argparse.Namespace) -> int:
         print(f"embxfer: {error}", file=sys.stderr)
         return 3
     plane = "zmq" if server.engine is None else f"mooncake/{args.protocol}, session {server.session_id}"
-    print(f"embxfer serve-encode: ready on {server.bootstrap_addr} (data plane {plane})", flush=True)
+    secured = (f"CURVE, {len(auth.admitted())} language key(s) admitted" if auth is not None else
+               "insecure: anyone who reaches the port can register, send and abort")
+    print(f"embxfer serve-encode: ready on {server.bootstrap_addr} (data plane {plane}; {secured})", flush=True)
     metrics = _start_metrics(args, "encode", server.stats)
     bar = _progress(None, "encode rooms", not args.no_progress)
     shown = 0
@@ -136,8 +154,9 @@ def serve_encode(args: argparse.Namespace) -> int:
             shown = done
     in_flight = server.rooms_in_flight()
     writing = server.stats().get("data_writes_in_engine", 0)
-    print(f"embxfer serve-encode: shutting down ({in_flight} rooms in flight, {writing} writes in the data plane, "
-          f"given up to {args.shutdown_grace:g} s; Ctrl-C again exits at once)", file=sys.stderr, flush=True)
+    if in_flight or writing:  # (an idle server just stops)
+        print(f"embxfer serve-encode: shutting down ({in_flight} rooms in flight, {writing} writes in the data plane, "
+              f"given up to {args.shutdown_grace:g} s; Ctrl-C again exits at once)", file=sys.stderr, flush=True)
     closing = time.monotonic()
     server.close(reason="shutdown")
     _stop_metrics(metrics)
@@ -181,17 +200,19 @@ def _interrupted_while_connecting() -> None:
 
 
 def serve_language(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
-    _show_logs(args.verbose)
+    prepared = _prepare(args, "language")
+    if prepared is None:
+        return 2
+    settings, auth = prepared
     stop = _Stop()
     if not args.json:  # (with --json, stdout and stderr carry only the summary and errors)
-        print(f"embxfer serve-language: registering with {args.bootstrap_addr} (rank {args.rank})", file=sys.stderr,
-              flush=True)
+        print(f"embxfer serve-language: registering with {args.bootstrap_addr} (rank {args.rank}"
+              f"{'' if auth is not None else '; insecure: no authentication'})", file=sys.stderr, flush=True)
     try:
         client = LanguageClient(settings, args.bootstrap_addr, rank=args.rank,
                                 required_dst_info_num=args.required_dst_info_num, protocol=args.protocol,
                                 device=args.device, host=args.host, verbose=args.verbose, wait_for_peer=False,
-                                cancelled=stop.event.is_set)
+                                cancelled=stop.event.is_set, auth=auth)
         if not client.wait_connected(settings.bootstrap_timeout, cancelled=stop.event.is_set):
             _interrupted_while_connecting()
     except MooncakeUnavailable as error:

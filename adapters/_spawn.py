@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from typing import Any
 
 from embxfer.core import Settings
+from embxfer.transports.auth import AuthKeys, write_keys
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeUnavailable
 
 from .settings_flags import settings_args
@@ -26,7 +29,11 @@ def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receive
             print("embxfer: falling back to --transport loopback (both sides simulated in this process)", file=sys.stderr)
             return None
     cli = [sys.executable, "-m", "embxfer.adapters.cli"]
-    extra = ["--verbose"] if verbose else []
+    # the demo authenticates its sockets as a deployment would: a fresh keys file for this run
+    keys_dir = tempfile.TemporaryDirectory(prefix="embxfer-demo-")
+    keys_path = os.path.join(keys_dir.name, "demo.keys")
+    write_keys(keys_path, AuthKeys.generate())
+    extra = ["--auth-keys", keys_path, *(["--verbose"] if verbose else [])]
     encode = subprocess.Popen(
         [*cli, "serve-encode", "--bootstrap-port", "0", "--synthetic-seed", str(seed), "--json", "--no-progress",
          *settings_args(settings), *extra],
@@ -61,6 +68,7 @@ def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receive
         except subprocess.TimeoutExpired:
             encode.kill()
             encode_out = ""
+        keys_dir.cleanup()
     encode_lines = [ln for ln in (encode_out or "").splitlines() if ln.startswith("{")]
     encode_summary = json.loads(encode_lines[-1]) if encode_lines else {}
     rounds: Counter[int] = Counter()
@@ -69,8 +77,8 @@ def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receive
             rounds[int(key)] += count
     seconds = max(r["seconds"] for r in results)
     return {
-        "transport": f"ZeroMQ control + {'Mooncake TCP' if settings.data_plane == 'mooncake' else 'zero-copy ZeroMQ'} data"
-                     f" ({1 + receivers} processes)",
+        "transport": f"ZeroMQ control (CURVE) + {'Mooncake TCP' if settings.data_plane == 'mooncake' else 'zero-copy ZeroMQ (CURVE)'}"
+                     f" data ({1 + receivers} processes)",
         "rooms": rooms,
         "receivers": receivers,
         "succeeded": min(r["succeeded"] for r in results),

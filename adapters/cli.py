@@ -1,4 +1,5 @@
-"""The ``embxfer`` command line: ``demo``, ``serve-encode``, ``serve-language``, ``bench``, ``check``, ``diagram``."""
+"""The ``embxfer`` command line: ``demo``, ``serve-encode``, ``serve-language``, ``keygen``, ``bench``, ``check``,
+``diagram``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from embxfer.core import Poll, ProtocolError, Settings
 
 from . import bench as bench_parser
+from ._auth_flags import add_auth_flags, add_keygen, keygen
 from ._loopback import connect_loopback
 from ._serve import add_settings_flags, serve_encode, serve_language
 from ._spawn import run_two_process_demo
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("--no-progress", action="store_true")
     encode.add_argument("--verbose", action="store_true")
     _add_metrics_flags(encode)
+    add_auth_flags(encode)
     add_settings_flags(encode)
 
     language = commands.add_parser("serve-language", help="run the language side (receiver) for N rooms")
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     language.add_argument("--no-progress", action="store_true")
     language.add_argument("--verbose", action="store_true")
     _add_metrics_flags(language)
+    add_auth_flags(language)
+    add_keygen(commands)
     add_settings_flags(language)
 
     bench_parser.add_parser(commands)
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench_parser.main(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "keygen":
+            return keygen(args)
         if args.command in ("serve-encode", "serve-language"):
             code = (serve_encode if args.command == "serve-encode" else serve_language)(args)
             # Mooncake's engine can abort the interpreter while it is torn down at exit

@@ -13,6 +13,8 @@ import attrs
 
 from ._settings import Settings
 
+RECONNECTED_AFTER = 0.5  # s after its connection closed, a message from a peer means it is back
+
 
 @attrs.define(slots=True)
 class _Peer:
@@ -24,6 +26,7 @@ class _Peer:
     since: float = 0.0  # when this incarnation registered
     # its connection closed (the transport said so): a successor may take the key at once
     disconnected: bool = False
+    disconnected_at: float = 0.0
 
 
 class Liveness:
@@ -54,12 +57,12 @@ class Liveness:
             return None
         return peer.incarnation, peer.since, peer.heard
 
-    def disconnected(self, key: int, incarnation: int | None) -> bool:
+    def disconnected(self, key: int, incarnation: int | None, now: float) -> bool:
         """The transport saw ``key``'s connection close; True when it was that incarnation's."""
         peer = self.peers.get(key)
         if peer is None or peer.incarnation != incarnation:
             return False
-        peer.disconnected = True
+        peer.disconnected, peer.disconnected_at = True, now
         return True
 
     def incarnation(self, key: int) -> int | None:
@@ -75,7 +78,10 @@ class Liveness:
         if peer is None:
             return False
         peer.heard = max(peer.heard, now)
-        peer.disconnected = False  # it speaks again: reconnected under its routing id
+        if peer.disconnected and now - peer.disconnected_at > RECONNECTED_AFTER:
+            # it speaks again: reconnected under its routing id (what it sent just before
+            # its connection closed is handled at once, well within this)
+            peer.disconnected = False
         revived = not peer.alive
         if revived:
             peer.alive = True

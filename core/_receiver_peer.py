@@ -10,7 +10,7 @@ from embxfer.specs.tables import PEER_LOST, TERMINAL_STATES
 
 from ._actions import Action, SendMessage
 from ._liveness import Liveness
-from ._messages import Heartbeat, PoolLayout, Register, Registered
+from ._messages import Abort, Heartbeat, PoolLayout, Register, Registered
 from ._settings import Settings
 
 
@@ -30,6 +30,7 @@ class SenderLink:
     _liveness: Liveness
     _waiting_init: Any
     _waiting_peer: Any
+    _quarantine: dict[int, Any]
     # since when the sender we knew is dead (silent past the limit), until a sender answers
     _dead_since: float | None = None
     _dead_reason: str = ""
@@ -79,6 +80,12 @@ class SenderLink:
                 now, f"encode peer restarted (incarnation {self.peer_incarnation} -> {incarnation})", actions,
                 restarted=True,
             )
+        elif incarnation is not None and incarnation == self.peer_incarnation and self._quarantine:
+            # the same sender back after a silence: the aborts we sent while it was unreachable
+            # may be lost, and each quarantined room waits for its ack; ask again
+            for room in self._quarantine:
+                actions.append(SendMessage(Abort(room, self.rank, "aborted while the encode peer was unreachable")))
+            self.stats["aborts_resent"] += len(self._quarantine)
         if incarnation is not None:
             self.peer_incarnation = incarnation
         self.peer_ready = True

@@ -50,11 +50,11 @@ class ReceiverRanks:
         return {"peers_alive": sum(1 for rank in self.peers if self._liveness.is_alive(rank))}
 
     # -- inputs ------------------------------------------------------------------------
-    def peer_disconnected(self, rank: int, incarnation: int | None) -> bool:
+    def peer_disconnected(self, rank: int, incarnation: int | None, now: float) -> bool:
         """The transport saw the connection of ``rank``'s ``incarnation`` close (a killed
         process closes its sockets at once).  Its rooms still wait for the heartbeat limit,
         since a connection may come back; but a new process may now take the rank."""
-        if self._liveness.disconnected(rank, incarnation):
+        if self._liveness.disconnected(rank, incarnation, now):
             self.stats["peers_disconnected"] += 1
             return True
         return False

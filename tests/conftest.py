@@ -1,4 +1,11 @@
+import os
+
 import pytest
+
+# The serve commands authenticate their sockets by default (--auth-keys); the tests that start
+# them against servers without keys run them --insecure through the environment, and
+# test_security passes keys (a flag wins over this variable).
+os.environ.setdefault("EMBXFER_INSECURE", "1")
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ def test_console_script_and_diagram():
 def test_demo_over_the_zmq_data_plane(capsys):
     assert main(["demo", "--transport", "zmq", "--rooms", "9", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["transport"] == "ZeroMQ control + zero-copy ZeroMQ data (2 processes)"
+    assert summary["transport"] == "ZeroMQ control (CURVE) + zero-copy ZeroMQ (CURVE) data (2 processes)"
     assert summary["succeeded"] == 9 and summary["wrong_rows"] == 0 and summary["leaked_blocks"] == 0
 
 

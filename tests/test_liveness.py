@@ -13,7 +13,7 @@ import pytest
 from embxfer.adapters import Poll, connect_loopback
 from embxfer.adapters._loopback import SENDER, receiver_name
 from embxfer.core import (
-    Abort, Heartbeat, Init, Receiver, Register, Registered, SendMessage, Sender, Settings, Status,
+    Abort, AbortAck, Heartbeat, Init, Receiver, Register, Registered, SendMessage, Sender, Settings, Status,
 )
 
 from helpers import all_free, rows
@@ -146,7 +146,7 @@ def test_sender_a_restarted_receiver_is_a_new_peer_and_old_rooms_fail_quietly() 
     sender.receive(init(5), 0.0)
     sender.send(5, 20, 0, 0.0)
     assert sender.poll(5) == Poll.WaitingForInput or sender.poll(5) == Poll.Transferring
-    assert sender.peer_disconnected(0, 1)  # the old process's connection closed (killed)
+    assert sender.peer_disconnected(0, 1, 1.0)  # the old process's connection closed (killed)
     actions = sender.receive(register(2), 1.0)
     assert sender.poll(5) == Poll.Failed
     assert sender.failure(5) == "receiver rank 0 restarted (incarnation 1 -> 2)"
@@ -190,8 +190,8 @@ def test_sender_lets_a_new_process_take_a_rank_whose_holder_is_gone(gone: str) -
         sender.tick(DEATH_BOUND)  # declared dead
         now = DEATH_BOUND
     else:
-        assert not sender.peer_disconnected(0, 9)  # another incarnation's connection: not the holder's
-        assert sender.peer_disconnected(0, 1)
+        assert not sender.peer_disconnected(0, 9, 0.5)  # another incarnation's connection: not the holder's
+        assert sender.peer_disconnected(0, 1, 0.5)
         now = 0.5
     actions = sender.receive(register(2), now)
     assert [a.message.accepted for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Registered)] == [1]
@@ -201,12 +201,18 @@ def test_sender_lets_a_new_process_take_a_rank_whose_holder_is_gone(gone: str) -
 
 
 def test_a_disconnected_holder_that_speaks_again_holds_its_rank_again() -> None:
-    """ZeroMQ reconnects under the same routing id after a blip: the holder is back."""
+    """ZeroMQ reconnects under the same routing id after a blip: the holder is back.  What it
+    sent just before its connection closed (handled right after the close) does not count."""
     sender = Sender(LIVE, incarnation=77)
     sender.receive(register(1), 0.0)
-    sender.peer_disconnected(0, 1)
-    sender.receive(Heartbeat(0, 1, 1), 0.5)
-    assert sender.receive(register(2), 0.6)[0].message.accepted == 0
+    sender.peer_disconnected(0, 1, 1.0)
+    sender.receive(Heartbeat(0, 1, 1), 1.001)  # queued before the close
+    assert sender.receive(register(2), 1.002)[0].message.accepted == 1
+    sender = Sender(LIVE, incarnation=77)
+    sender.receive(register(1), 0.0)
+    sender.peer_disconnected(0, 1, 1.0)
+    sender.receive(Heartbeat(0, 1, 2), 2.0)  # by its new connection
+    assert sender.receive(register(2), 2.1)[0].message.accepted == 0
 
 
 def test_sender_drops_heartbeats_of_an_old_incarnation() -> None:
@@ -236,6 +242,23 @@ def test_receiver_a_restarted_sender_frees_quarantine_and_fails_only_rooms_it_kn
     assert receiver.stats["late_dropped"] == 1
     receiver.receive(Heartbeat(0, 100, 3), 1.2)
     assert receiver.stats["stale_heartbeats"] == 1
+
+
+def test_receiver_asks_again_for_the_acks_it_waits_for_when_the_same_sender_answers_again() -> None:
+    """Aborts sent while the sender was unreachable may be lost; its quarantined rooms would
+    wait out the whole quarantine.  When the same sender answers the re-registration, each
+    quarantined room's abort goes out again, and the ack frees its blocks."""
+    receiver = Receiver(LIVE, incarnation=5)
+    receiver.register_message()
+    receiver.receive(Registered(100, 1, "", ""), 0.0)
+    receiver.init(1, 0.0)
+    receiver.tick(DEATH_BOUND)  # the sender went silent: room 1 fails, its blocks quarantined
+    assert receiver.poll(1) == Poll.Failed and receiver.quarantined_blocks == 2
+    actions = receiver.receive(Registered(100, 1, "", ""), DEATH_BOUND + 1)
+    [abort] = [a.message for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Abort)]
+    assert abort.room == 1 and receiver.stats["aborts_resent"] == 1
+    receiver.receive(AbortAck(1, 0), DEATH_BOUND + 1.1)
+    assert receiver.quarantined_blocks == 0 and receiver.allocator.free_blocks == LIVE.pool_blocks
 
 
 def test_receiver_retries_registration_until_a_sender_answers() -> None:

@@ -116,19 +116,32 @@ def stop_with_a_write_stuck(encode: subprocess.Popen, addr: str) -> subprocess.P
     raise AssertionError("no write was ever caught in flight by the stop")
 
 
-def test_ctrl_c_of_the_encode_side_with_a_stopped_peer_exits_within_5_s():
-    """A write to a SIGSTOPped peer cannot be interrupted (Mooncake waits its own timeout):
-    shutdown gives it the grace, abandons it, says so, and exits."""
-    encode, addr = start_encode("--status-every", "0.2")
+def interrupt_with_a_write_stuck(grace: str, twice: bool) -> tuple[subprocess.Popen, str, str, float]:
+    """Ctrl-C (once, or twice: the second once the shutdown has begun) of a serve-encode whose
+    peer is stopped with a write in the data plane; (process, stdout, stderr, seconds from the
+    last Ctrl-C to the exit)."""
+    encode, addr = start_encode("--status-every", "0.2", "--shutdown-grace", grace)
     peer = stop_with_a_write_stuck(encode, addr)
     try:
         encode.send_signal(signal.SIGINT)
+        seen = ""
+        if twice:
+            while "shutting down" not in (line := encode.stderr.readline()):
+                assert line, "serve-encode exited before shutting down"
+            seen = line
+            encode.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
         out, err = encode.communicate(timeout=60)
-        took = time.monotonic() - interrupted
+        return encode, out, seen + err, time.monotonic() - interrupted
     finally:
         peer.kill()
         peer.communicate(timeout=30)
+
+
+def test_ctrl_c_of_the_encode_side_with_a_stopped_peer_exits_within_5_s():
+    """A write to a SIGSTOPped peer cannot be interrupted (Mooncake waits its own timeout):
+    shutdown gives it the grace, abandons it, says so, and exits."""
+    encode, out, err, took = interrupt_with_a_write_stuck("2", twice=False)
     assert encode.returncode == 0, err
     summary = summary_of(out)
     assert took < 5.0, f"shutdown took {took:.2f} s"
@@ -139,20 +152,8 @@ def test_ctrl_c_of_the_encode_side_with_a_stopped_peer_exits_within_5_s():
 
 
 def test_a_second_ctrl_c_of_the_encode_side_exits_at_once():
-    encode, addr = start_encode("--status-every", "0.2", "--shutdown-grace", "60")
-    peer = stop_with_a_write_stuck(encode, addr)
-    try:
-        encode.send_signal(signal.SIGINT)
-        while "shutting down" not in (line := encode.stderr.readline()):
-            assert line, "serve-encode exited before shutting down"
-        assert "given up to 60 s" in line, line
-        encode.send_signal(signal.SIGINT)
-        second = time.monotonic()
-        _, err = encode.communicate(timeout=60)
-        took = time.monotonic() - second
-    finally:
-        peer.kill()
-        peer.communicate(timeout=30)
+    encode, _, err, took = interrupt_with_a_write_stuck("60", twice=True)
+    assert "given up to 60 s" in err, err
     assert encode.returncode == 130 and "interrupted again, exiting now" in err, err
     assert took < 1.0, f"the second Ctrl-C took {took:.2f} s"
     print(f"[operating] second Ctrl-C of serve-encode (grace 60 s, a write stuck): exited in {took:.2f} s")

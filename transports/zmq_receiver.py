@@ -16,6 +16,7 @@ import zmq
 
 from embxfer.core import WriteRows
 
+from .auth import CURVE_OVERHEAD, AuthKeys, serve_securely
 from .buffers import PoolBuffers
 from .wakeup import Wakeup
 from .zmq_wire import (
@@ -35,7 +36,10 @@ class ZmqPoolReceiver:
     """
 
     def __init__(self, pool: PoolBuffers, *, lock: Any, counters: Counter[str],
-                 accept: Callable[[WriteRows], str], host: str = "127.0.0.1") -> None:
+                 accept: Callable[[WriteRows], str], host: str = "127.0.0.1",
+                 auth: AuthKeys | None = None) -> None:
+        """``auth``: a CURVE server with the language key pair that lets in only the encode
+        side's key."""
         self.lock = lock
         self.counters = counters
         self.accept = accept
@@ -53,7 +57,13 @@ class ZmqPoolReceiver:
         # no honest frame is larger than the whole pool's rows (or a header of one run a
         # block): libzmq drops a peer that sends one before it can take our memory
         largest = max(self.pool_slots * self.row_bytes, HEADER.size + self.pool_blocks * RUN.size)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, largest)
+        # (+ CURVE's framing when authenticated: ZeroMQ checks a frame's size as it travels)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, largest + (CURVE_OVERHEAD if auth is not None else 0))
+        self.authenticator = None
+        if auth is not None:
+            assert auth.language_secret is not None and auth.language_public is not None
+            self.authenticator = serve_securely(self.context, self.socket, auth.language_public, auth.language_secret,
+                                                [auth.encode_public])
         port = self.socket.bind_to_random_port(f"tcp://{host}")
         self.session_id = data_session(f"tcp://{host}:{port}", self.token)
         self._wakeup = Wakeup()
@@ -69,6 +79,8 @@ class ZmqPoolReceiver:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
         self.socket.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.context.term()
         self._wakeup.close()
 

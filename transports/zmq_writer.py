@@ -20,6 +20,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from embxfer.core import PoolLayout, WriteRows
 
+from .auth import AuthKeys, connect_securely
 from .buffers import SourceRows
 from .wakeup import Wakeup
 from .zmq_wire import ACK, ACK_MAGIC, Staged, data_frames, parse_data_session, stage_rows
@@ -59,8 +60,12 @@ class ZmqWriter:
     """
 
     def __init__(self, block_size: int, *, ack_timeout: float = 30.0, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 5.0) -> None:
+                 heartbeat_timeout: float = 5.0, auth: AuthKeys | None = None) -> None:
+        """``auth``: connect to each receiver as a CURVE client with the encode key pair, and
+        only to a receiver whose key ``trust`` named (learnt from its control connection)."""
         self.block_size = block_size
+        self.auth = auth
+        self._trusted: dict[str, bytes] = {}  # data address -> the receiver's public key
         self.ack_timeout = ack_timeout
         self._heartbeat_ms = (max(1, int(heartbeat_interval * 1000)), max(1, int(heartbeat_timeout * 1000)))
         self.context = zmq.Context()
@@ -115,6 +120,12 @@ class ZmqWriter:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counters)
+
+    def trust(self, session: str, key: bytes) -> None:
+        """The receiver with data ``session`` proved ``key`` on its control connection."""
+        address, _ = parse_data_session(session)
+        with self._lock:
+            self._trusted[address] = key
 
     def cancel(self, room: int) -> None:
         """A failed room: nothing to do, a write here is queued frames that never block a
@@ -185,12 +196,21 @@ class ZmqWriter:
     def _peer(self, address: str, poller: zmq.Poller) -> _Peer:
         peer = self._peers.get(address)
         if peer is None:
+            key = None
+            if self.auth is not None:
+                with self._lock:
+                    key = self._trusted.get(address)
+                if key is None:  # (never: the key comes with the receiver's Register, before any write)
+                    raise ValueError(f"no authenticated key for the data socket at {address}")
             socket = self.context.socket(zmq.DEALER)
             socket.setsockopt(zmq.SNDHWM, 0)  # in flight is bounded by the peer's pool, never drop
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.MAXMSGSIZE, 4096)  # only acks come back
             socket.setsockopt(zmq.HEARTBEAT_IVL, self._heartbeat_ms[0])
             socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._heartbeat_ms[1])
+            if self.auth is not None and key is not None:
+                assert self.auth.encode_secret is not None
+                connect_securely(socket, key, self.auth.encode_public, self.auth.encode_secret)
             monitor = socket.get_monitor_socket(_PEER_FAILURES)
             socket.connect(address)
             peer = self._peers[address] = _Peer(address, socket, monitor)

@@ -17,7 +17,7 @@ from embxfer.core import (
     Action, DecodeError, Init, LocalProtocolError, Poll, PoolLayout, Register, Registered, ReleaseSource,
     RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, check_room, decode, encode,
 )
-from embxfer.specs.schemas import MAX_EXTENTS
+from embxfer.specs.schemas import MAX_EXTENTS, MAX_STR_BYTES
 from embxfer.transports.auth import CURVE_OVERHEAD, AuthKeys, peer_key, serve_securely
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
@@ -29,6 +29,7 @@ from ._runtime import _Runtime, new_incarnation
 log = logging.getLogger("embxfer")
 
 HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+SMALL_FRAME = 2 * MAX_STR_BYTES  # the largest frame of any message but an Init's or Resume's extents
 MAX_CONTROL_FRAME = 8 * MAX_EXTENTS  # bytes: an Init's extents frame at its largest (8 bytes an extent)
 
 
@@ -41,7 +42,7 @@ class RowWriter(Protocol):
     def release(self, room: int) -> None: ...
     def cancel(self, room: int) -> None: ...
     def stats(self) -> dict[str, int]: ...
-    def close(self, grace: float = ...) -> int: ...
+    def close(self, grace: float | None = ...) -> int: ...
 
 
 class EncodeServer(_Runtime):
@@ -56,10 +57,12 @@ class EncodeServer(_Runtime):
                  protocol: str = "tcp", device: str = "",
                  data_for_room: Callable[[int], EmbeddingData | None] | None = None,
                  verbose: bool = False, engine: MooncakeEngine | None = None, forget_finished: bool = False,
-                 lock: Any = None, close_grace: float = 2.0, cancelled: Any = None,
+                 lock: Any = None, close_grace: float | None = None, cancelled: Any = None,
                  auth: AuthKeys | None = None) -> None:
         """``auth``: CURVE keys (``embxfer.transports.auth``); only admitted language keys can
-        connect.  None: no authentication (a trusted network only)."""
+        connect.  None: no authentication (a trusted network only).  ``close_grace``: how long
+        ``close`` gives writes inside the data plane (None: as long as they take; the CLI
+        passes ``--shutdown-grace``)."""
         super().__init__(settings, "encode", lock)
         self.auth = auth.for_encode() if auth is not None else None
         # a server nobody polls (serve-encode) forgets each room once it ends, so a
@@ -109,6 +112,7 @@ class EncodeServer(_Runtime):
             self.port = self.socket.bind_to_random_port(f"tcp://{host}")
         self.bootstrap_addr = f"{host}:{self.port}"
         self._identities: dict[int, bytes] = {}
+        self._largest_frame: dict[bytes, int] = {}  # by socket: what its rank's pool allows
         self._sessions: dict[int, str] = {}
         self._sources: dict[int, SourceRows] = {}
         self._completions: queue.SimpleQueue[tuple[WriteRows, str | None]] = queue.SimpleQueue()
@@ -187,6 +191,11 @@ class EncodeServer(_Runtime):
         if len(frames) < 2:
             raise DecodeError("frames", "no routing identity")
         identity, payload = frames[0], frames[1:]
+        if max(map(len, payload)) > self._largest_frame.get(identity, SMALL_FRAME):
+            # larger than the sender's own pool can ask for (one extent a block): not worth
+            # decoding (an Init's extents from a stranger, made to cost us time)
+            self.counters["oversized_dropped"] += 1
+            return
         message = decode(payload)
         now = time.monotonic()
         rank = getattr(message, "rank", None)
@@ -201,6 +210,9 @@ class EncodeServer(_Runtime):
         if rank is not None and self._rank_by_fd.get(fd) != rank:
             self._rank_by_fd[fd] = rank  # the holder reconnected (a network blip): its new connection
         self._run(self.endpoint.receive(message, now))
+        if isinstance(message, PoolLayout) and self.endpoint.pool_layout(message.rank) is message:
+            # an Init's extents name at most every block of the rank's pool, 8 bytes each
+            self._largest_frame[identity] = max(SMALL_FRAME, 8 * (message.pool_slots // self.settings.block_size) + 64)
         if isinstance(message, Init) and self.data_for_room is not None and message.room not in self._sources:
             if not self.endpoint.is_finished(message.room) and not self.endpoint.has_data(message.room):
                 data = self.data_for_room(message.room)
@@ -211,9 +223,12 @@ class EncodeServer(_Runtime):
                      key: bytes | None = None) -> None:
         """The core accepts or refuses the rank; its answer goes back to the socket that
         asked, and only an accepted socket speaks for the rank from then on."""
+        self._on_monitor()  # a holder's closed connection, if ZeroMQ has said so, counts first
         actions = self.endpoint.receive(message, now)
         replies = [a.message for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Registered)]
         if any(reply.accepted for reply in replies):
+            if len(self._identities) > 2 * len(self.endpoint.peers) + 16:
+                self._forget_evicted_ranks()
             self._identities[message.rank] = identity
             self._rank_by_fd[fd] = message.rank
             self._sessions[message.rank] = message.session_id
@@ -225,6 +240,17 @@ class EncodeServer(_Runtime):
                 self.refusal_log.warning("refused a registration as rank %d: %s", message.rank, reply.reason)
             self._send_control([identity, *encode(reply)])
         self._run(a for a in actions if not (isinstance(a, SendMessage) and isinstance(a.message, Registered)))
+
+    def _forget_evicted_ranks(self) -> None:
+        """Ranks the sender forgot (registered, never spoke, went silent) leave our maps too."""
+        for rank in [rank for rank in self._identities if rank not in self.endpoint.peers]:
+            del self._identities[rank]
+            self._sessions.pop(rank, None)
+        for fd in [fd for fd, rank in self._rank_by_fd.items() if rank not in self.endpoint.peers]:
+            del self._rank_by_fd[fd]
+        registered = set(self._identities.values())
+        for identity in [identity for identity in self._largest_frame if identity not in registered]:
+            del self._largest_frame[identity]
 
     def _on_disconnect(self, fd: int) -> None:
         """A connection closed.  A rank whose holder spoke by it stays registered (ZeroMQ
@@ -246,6 +272,8 @@ class EncodeServer(_Runtime):
                 self.endpoint.write_done(write.room, write.rank, write.round, time.monotonic(), error)))
 
     def _on_write_done(self, write: WriteRows, error: str | None) -> None:
+        if self._stopping:
+            return  # a write abandoned at close that ended after all: nobody is left to tell
         self._completions.put((write, error))  # worker thread: hand over, never touch the core
         self._wake()
 

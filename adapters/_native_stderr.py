@@ -11,7 +11,8 @@ import sys
 import threading
 
 # glog: "I1202 05:33:53.412815 28546 file.cpp:123] ...", and its notice before InitGoogleLogging
-GLOG_LINE = re.compile(rb"^([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]|WARNING: Logging before InitGoogleLogging)")
+# (FATAL lines pass: they say why the process is about to abort)
+GLOG_LINE = re.compile(rb"^([IWE]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]|WARNING: Logging before InitGoogleLogging)")
 
 
 def hide_native_log_lines() -> None:
@@ -25,7 +26,11 @@ def hide_native_log_lines() -> None:
 
 
 def _pass_on(read_end: int, real: int) -> None:
+    # never stop reading: a full pipe would block every native writer
     with os.fdopen(read_end, "rb") as native:
         for line in native:
             if not GLOG_LINE.match(line):
-                os.write(real, line)
+                try:
+                    os.write(real, line)
+                except OSError:
+                    pass

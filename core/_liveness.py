@@ -8,11 +8,13 @@ declared dead after ``heartbeat_misses`` whole intervals without a word.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 
 import attrs
 
 from ._settings import Settings
 
+EVICTED_MEMORY = 65536
 RECONNECTED_AFTER = 0.5  # s after its connection closed, a message from a peer means it is back
 
 
@@ -27,6 +29,7 @@ class _Peer:
     # its connection closed (the transport said so): a successor may take the key at once
     disconnected: bool = False
     disconnected_at: float = 0.0
+    spoke: bool = False  # heard from after it registered
 
 
 class Liveness:
@@ -36,11 +39,14 @@ class Liveness:
         self.interval = settings.heartbeat_interval
         self.limit = settings.heartbeat_interval * settings.heartbeat_misses
         self.peers: dict[int, _Peer] = {}
+        # incarnations of peers evicted (registered, never spoke, went silent): tombstones and
+        # late messages still compare against them, at a few bytes each (bounded)
+        self.evicted: OrderedDict[int, int | None] = OrderedDict()
 
     def register(self, key: int, incarnation: int | None, now: float) -> int | None:
         """``key`` (re)registered; returns the incarnation it replaces, if it differs."""
         peer = self.peers.get(key)
-        previous = peer.incarnation if peer is not None else None
+        previous = peer.incarnation if peer is not None else self.evicted.pop(key, None)
         self.peers[key] = _Peer(incarnation, now, now + self.interval, since=now)
         if previous is not None and incarnation is not None and previous != incarnation:
             return previous
@@ -67,7 +73,15 @@ class Liveness:
 
     def incarnation(self, key: int) -> int | None:
         peer = self.peers.get(key)
-        return peer.incarnation if peer is not None else None
+        return peer.incarnation if peer is not None else self.evicted.get(key)
+
+    def evict(self, key: int) -> None:
+        """Forget ``key`` but its incarnation."""
+        peer = self.peers.pop(key, None)
+        if peer is not None:
+            self.evicted[key] = peer.incarnation
+            if len(self.evicted) > EVICTED_MEMORY:
+                self.evicted.popitem(last=False)
 
     def forget(self, key: int) -> None:
         self.peers.pop(key, None)
@@ -78,6 +92,7 @@ class Liveness:
         if peer is None:
             return False
         peer.heard = max(peer.heard, now)
+        peer.spoke = True
         if peer.disconnected and now - peer.disconnected_at > RECONNECTED_AFTER:
             # it speaks again: reconnected under its routing id (what it sent just before
             # its connection closed is handled at once, well within this)
@@ -87,6 +102,10 @@ class Liveness:
             peer.alive = True
             peer.next_heartbeat = now
         return revived
+
+    def spoke(self, key: int) -> bool:
+        peer = self.peers.get(key)
+        return peer is not None and peer.spoke
 
     def is_alive(self, key: int) -> bool:
         peer = self.peers.get(key)

@@ -212,6 +212,11 @@ class Sender(ReceiverRanks, Endpoint):
     def _on_init(self, message: Init, now: float) -> list[Action]:
         actions: list[Action] = []
         record = self._lookup(message.room)
+        if record is None and self._aborted_by_another_set(message):
+            self._forget_tombstone_of(message.room)  # a rank of another room set aborted this id: not ours
+        if record is not None and self._foreign(record, message.rank):
+            self.stats["foreign_dropped"] += 1
+            return actions
         if record is None and self._is_retired(message.room) or record is not None and record.state in TERMINAL_STATES:
             self.stats["late_dropped"] += 1
             dest = record.destinations.get(message.rank) if record is not None else None
@@ -269,6 +274,9 @@ class Sender(ReceiverRanks, Endpoint):
             self.stats["late_dropped" if record is not None or self._is_retired(message.room) else "stray_dropped"] += 1
             return actions
         dest = record.destinations.get(message.rank)
+        if dest is None and self._foreign(record, message.rank):
+            self.stats["foreign_dropped"] += 1
+            return actions
         if dest is None:
             self._fail(record, FAIL, f"resume from rank {message.rank}, which sent no init", now, actions)
             return actions
@@ -299,12 +307,18 @@ class Sender(ReceiverRanks, Endpoint):
         actions: list[Action] = []
         record = self.rooms.get(message.room)
         dest = record.destinations.get(message.rank) if record is not None else None
-        if record is None:
+        if record is not None and dest is None and self._foreign(record, message.rank):
+            # a rank outside the room's set ends nothing of it; nothing of the room was ever
+            # written to it, so its own blocks may go (the ack)
+            self.stats["foreign_dropped"] += 1
+            return [SendMessage(AbortAck(message.room, message.rank), message.rank)]
+        if record is None and message.room not in self._retired:
             # an abort that overtook the room's init: remember the room so a late init can
-            # never start writing blocks the receiver frees on our ack
+            # never start writing blocks the receiver frees on our ack (an existing tombstone
+            # stays as it is: another rank's abort must not rewrite whose it is)
             self._retire(message.room, ((message.rank, self._liveness.incarnation(message.rank)),))
             self._remember_early_abort(message.room, f"aborted by receiver rank {message.rank}: {message.reason}")
-        elif record.state not in TERMINAL_STATES:
+        elif record is not None and record.state not in TERMINAL_STATES:
             self._fail(record, ABORT, f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)
         if dest is not None and dest.writing:
             dest.owes_ack = True  # ack once the write in flight has landed

@@ -15,6 +15,11 @@ from ._liveness import Liveness
 from ._messages import Heartbeat, PoolLayout, Register, Registered
 from ._settings import Settings
 
+# registered ranks at once (a live one, or a dead one that had rooms; one that registered and
+# never spoke is forgotten once silent past the heartbeat limit): bounds what strangers'
+# registrations can make the sender hold and heartbeat
+MAX_RANKS = 1024
+
 
 class ReceiverRanks:
     settings: Settings
@@ -67,13 +72,19 @@ class ReceiverRanks:
         and nothing of the holder's changes.  Only a holder gone silent or disconnected is
         replaced (a restart), and its rooms fail."""
         holder = self._liveness.holder(message.rank, message.incarnation, now)
-        if holder is not None:
+        accepted = self.peers.get(message.rank)
+        if holder is not None and accepted is not None and accepted.incarnation == holder[0]:
+            # (a registration refused for its configuration holds nothing)
             incarnation, since, heard = holder
             self.stats["registrations_held"] += 1
             reason = (f"rank {message.rank} is held by a live language process (incarnation {incarnation:x}, "
                       f"registered {now - since:.1f} s ago, heard {now - heard:.1f} s ago); "
                       f"pass another --rank or stop it")
             return [SendMessage(Registered(self.incarnation, 0, self.session_id, reason[:REASON_BYTES]), message.rank)]
+        if message.rank not in self._liveness.peers and len(self._liveness.peers) >= MAX_RANKS:
+            self.stats["registrations_over_limit"] += 1
+            reason = f"this encode side serves at most {MAX_RANKS} language ranks, and that many are registered"
+            return [SendMessage(Registered(self.incarnation, 0, self.session_id, reason), message.rank)]
         actions: list[Action] = []
         replaced = self._liveness.register(message.rank, message.incarnation, now)
         if replaced is not None:
@@ -157,6 +168,26 @@ class ReceiverRanks:
             return False
         return True
 
+    # -- room sets: a rank speaks only for rooms of its own set (required_dst_info_num ranks) --
+    @staticmethod
+    def _foreign(record: Any, rank: int) -> bool:
+        """``rank`` lies outside the set of ranks ``record``'s inits named (rank >= its
+        required_dst_info_num): its init, resume or abort must not touch the room.  (Without
+        authentication this is what keeps a stranger registered as another rank from ending
+        or poisoning rooms it never joined.)"""
+        return record.required is not None and rank >= record.required and rank not in record.destinations
+
+    def _aborted_by_another_set(self, init: Any) -> bool:
+        """``init``'s room id carries only the early abort of ranks outside ``init``'s set."""
+        if init.room not in self._early_aborts:
+            return False
+        peers = self._retired.get(init.room)
+        return bool(peers) and all(rank >= init.required_dst_info_num for rank, _ in peers)
+
+    def _forget_tombstone_of(self, room: int) -> None:
+        self.stats["foreign_tombstones_ignored"] += 1
+        self._unretire(room)  # (and its early abort with it)
+
     def _peer_set(self, destinations: dict[int, Any]) -> tuple[tuple[int, int | None], ...]:
         """The room's (rank, incarnation) pairs for its tombstone.  The same few sets recur
         for every room: one shared copy of each, so a tombstone costs no new tuples."""
@@ -197,5 +228,16 @@ class ReceiverRanks:
         for rank, sequence in self._liveness.heartbeats_due(now):
             actions.append(SendMessage(Heartbeat(rank, self.incarnation, sequence), rank))
         for rank, silent in self._liveness.newly_silent(now):
+            if not self._liveness.spoke(rank):
+                self._evict(rank)  # registered and never said a word: it has no room, forget it whole
+                continue
             self.stats["peers_lost"] += 1
             self._peer_lost(rank, f"receiver rank {rank} silent for {silent:.3g} s (peer dead)", now, actions)
+
+    def _evict(self, rank: int) -> None:
+        self.stats["peers_evicted"] += 1
+        self._liveness.evict(rank)
+        self.peers.pop(rank, None)
+        self._layouts.pop(rank, None)
+        self.rejected_peers.pop(rank, None)
+        self._single_peer_sets.pop(rank, None)

@@ -241,3 +241,47 @@ def test_a_stranger_without_an_admitted_key_has_no_effect(keys_file, monkeypatch
     assert max(rss) <= 1.2 * rss[0], rss
     print(f"[security] {name} ({connections} connection(s)): 400/400 honest rooms exact; "
           f"{counters['handshakes_refused']} handshakes refused; encode RSS {rss[0]:.0f} -> {max(rss):.0f} MB")
+
+
+# -- without keys (--insecure): a stranger registered as another rank ---------------------------
+
+@pytest.mark.parametrize("name", ["aborts as another rank", "steal rank 0"])
+def test_with_insecure_a_strangers_rank_cannot_end_or_take_the_honest_rooms(name: str) -> None:
+    """Anyone may register a rank nobody holds; it speaks only for its own room set.  Its
+    aborts of the honest rooms (in flight, finished, not yet started) are dropped, and the
+    honest rank 0 is refused to it while its holder lives."""
+    server, addr = start_secure_encode("--insecure")
+    context = zmq.Context()
+    try:
+        honest = secure_language(addr, 400, "--insecure", "--in-flight", "8", "--no-progress")
+        # the stranger acts once the honest client holds rank 0 (the encode side's status says so)
+        while not json.loads(server.stdout.readline()).get("peers_alive"):
+            assert honest.poll() is None, honest.communicate()
+        stranger = context.socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.connect(f"tcp://{addr}")
+        if name == "steal rank 0":
+            stranger.send_multipart(encode(Register(0, 1, 99, 16, 32, "float16", "x", "127.0.0.1:1", "mooncake")))
+        else:
+            stranger.send_multipart(encode(Register(1, 2, 7, 16, 32, "float16", "x", "127.0.0.1:1", "mooncake")))
+            assert stranger.poll(30_000), "the stranger's registration was not answered"
+            stranger.recv_multipart()
+            for round_ in range(3):  # ids the honest client has finished, has in flight, will start
+                for room in range(400):
+                    stranger.send_multipart(encode(Abort(room, 1, "hostile")))
+        out, err = honest.communicate(timeout=180)
+        assert honest.returncode == 0, err
+        summary = summary_of(out)
+        assert summary["succeeded"] == 400 and summary["failed"] == 0 and summary["wrong_rows"] == 0, summary
+    finally:
+        context.destroy(linger=0)
+        encode_summary, _, _ = stop(server)
+    counters = encode_summary["counters"]
+    assert encode_summary["failed"] == 0, encode_summary
+    if name == "steal rank 0":
+        assert counters["registrations_held"] == 1 and counters["registrations"] == 1, counters
+    else:
+        assert counters.get("foreign_dropped", 0) + counters.get("foreign_tombstones_ignored", 0) > 0, counters
+    print(f"[security] --insecure, {name}: 400/400 honest rooms exact, 0 failed; "
+          f"foreign dropped {counters.get('foreign_dropped', 0)}, tombstones ignored "
+          f"{counters.get('foreign_tombstones_ignored', 0)}, registrations refused {counters.get('registrations_held', 0)}")

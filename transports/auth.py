@@ -51,7 +51,7 @@ def check_key(field: str, value: Any) -> bytes:
         raise AuthKeysError(field, f"a CURVE key is {KEY_CHARS} Z85 characters")
     try:
         z85.decode(raw)
-    except (ValueError, KeyError):
+    except Exception:  # (ValueError, KeyError, struct.error: whatever a bad character makes of it)
         raise AuthKeysError(field, "not a Z85-encoded key") from None
     return raw
 

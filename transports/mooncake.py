@@ -235,6 +235,7 @@ class MooncakeWriter:
         self._cancelled: set[int] = set()
         self._closing = False
         self._in_engine = 0  # writes inside the engine now (they cannot be interrupted)
+        self._unfinished = 0  # writes submitted whose on_done has not returned yet
         self._writes_cancelled = 0
         self._idle = threading.Condition(self._target_lock)
 
@@ -285,13 +286,14 @@ class MooncakeWriter:
             on_done(write, str(error))
             return
 
-        def run() -> None:
+        def run(chain: bool = True) -> None:
             with self._target_lock:
                 cancelled = self._closing or write.room in self._cancelled
                 if not cancelled:
                     self._in_engine += 1
             if cancelled:
-                self._writes_cancelled += 1
+                with self._target_lock:
+                    self._writes_cancelled += 1
                 error: str | None = "cancelled before it started (the room had failed)"
             else:
                 try:
@@ -306,9 +308,14 @@ class MooncakeWriter:
             try:
                 on_done(write, error)
             finally:
-                self._next_for(target)
+                if chain:
+                    self._next_for(target)
+                with self._target_lock:
+                    self._unfinished -= 1
+                    self._idle.notify_all()
 
         with self._target_lock:
+            self._unfinished += 1
             running = self._target_running.get(target, 0)
             if running >= PEER_WRITES:
                 self._target_queues.setdefault(target, deque()).append(run)  # a write to it that ends runs this
@@ -366,24 +373,30 @@ class MooncakeWriter:
             return {"writes_in_engine": self._in_engine, "writes_cancelled": self._writes_cancelled,
                     "writes_queued": sum(len(q) for q in self._target_queues.values())}
 
-    def close(self, grace: float = 2.0) -> int:
-        """Stop: writes not started are dropped, writes inside the engine get ``grace``
-        seconds.  Returns how many were still running then (abandoned: the engine cannot
-        interrupt them, so the process should exit rather than wait; their staged rows are
-        kept, since the engine may still read them)."""
+    def close(self, grace: float | None = None) -> int:
+        """Stop.  Every write not yet inside the engine ends at once as cancelled (its
+        ``on_done`` is called, so the sender settles its room and sends what it owes); writes
+        inside the engine get ``grace`` seconds (None: as long as they take).  Returns how many
+        were still running then: abandoned, since the engine cannot interrupt them (the
+        process should exit rather than wait); their staged rows are kept, as the engine may
+        still read them."""
         with self._target_lock:
             self._closing = True
+            queued = [run for waiting in self._target_queues.values() for run in waiting]
             self._target_queues.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + grace
+        for run in queued:  # behind a write that may never end: finish them here, as cancelled
+            run(False)
+        self._pool.shutdown(wait=False)  # runs not started yet end at once, as cancelled
+        deadline = None if grace is None else time.monotonic() + grace
         with self._idle:
-            while self._in_engine and (left := deadline - time.monotonic()) > 0:
+            while self._unfinished:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
                 self._idle.wait(left)
-            abandoned = self._in_engine
+            abandoned = self._unfinished
         if abandoned:
             return abandoned
-        self._pool.shutdown(wait=True)  # only cancelled runs can be left: they return at once
         for room in list(self._staged):
             self.release(room)
         return 0
-

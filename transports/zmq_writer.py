@@ -131,7 +131,7 @@ class ZmqWriter:
         """A failed room: nothing to do, a write here is queued frames that never block a
         thread (the ack timeout and the peer's death end it)."""
 
-    def close(self, grace: float = 2.0) -> int:
+    def close(self, grace: float | None = None) -> int:
         """Stop; every write not yet acknowledged ends with an error (``on_done`` is called).
         Nothing is ever stuck in a call here, so nothing is abandoned (returns 0)."""
         with self._lock:

@@ -1,0 +1,103 @@
+"""A rank speaks only for rooms of its own set (the ranks its inits name, required_dst_info_num).
+
+Without authentication, anyone can register a rank nobody holds.  A stranger registered as
+rank 1 of a set of 2 beside an honest rank 0 of 1 must not end, poison or take over the
+honest rooms: its aborts, resumes and inits of those rooms are dropped (``foreign_dropped``),
+and the tombstones its early aborts leave do not apply to the honest set's inits."""
+
+from __future__ import annotations
+
+from embxfer.core import Abort, AbortAck, Heartbeat, Init, Poll, Register, Resume, SendMessage, Sender, Settings
+from embxfer.core._sender_peers import MAX_RANKS
+
+S = Settings(block_size=4, default_blocks=2, pool_blocks=8, hidden_size=8, dtype="float32")
+
+
+def register(rank: int, required: int, incarnation: int) -> Register:
+    return Register(rank, required, incarnation, S.block_size, S.hidden_size, S.dtype, "rx", "", S.data_plane)
+
+
+def init(room: int, rank: int = 0, required: int = 1) -> Init:
+    return Init(room, rank, required, S.block_size, 8, ((0, 2),))
+
+
+def honest_and_stranger() -> Sender:
+    sender = Sender(S, incarnation=77)
+    sender.receive(register(0, 1, 1), 0.0)  # the honest language process
+    sender.receive(register(1, 2, 666), 0.0)  # a stranger, as rank 1 of a set of 2
+    return sender
+
+
+def test_a_strangers_abort_ends_nothing_of_a_room_it_never_joined() -> None:
+    sender = honest_and_stranger()
+    sender.receive(init(5), 0.1)
+    sender.send(5, 20, 0, 0.1)
+    before = sender.poll(5)
+    [ack] = [a for a in sender.receive(Abort(5, 1, "hostile"), 0.2)]  # an ack to it alone: it was never written
+    assert isinstance(ack.message, AbortAck) and ack.rank == 1
+    assert sender.poll(5) == before != Poll.Failed
+    assert sender.stats["foreign_dropped"] == 1
+
+
+def test_an_early_abort_by_the_application_is_not_rewritten_by_a_strangers_abort() -> None:
+    sender = honest_and_stranger()
+    sender.abort(9, 0.1, "the application gave up")
+    sender.receive(Abort(9, 1, "hostile"), 0.2)
+    actions = sender.receive(init(9), 0.3)
+    [abort] = [a.message for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Abort)]
+    assert abort.reason == "the application gave up" and 9 not in sender.rooms  # the init opened nothing
+
+
+def test_a_strangers_early_aborts_do_not_poison_the_honest_sets_room_ids() -> None:
+    sender = honest_and_stranger()
+    for room in range(10):
+        sender.receive(Abort(room, 1, "hostile"), 0.1)  # before any init: tombstones of the stranger's set
+    actions = sender.receive(init(3), 0.2)
+    assert not [a for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Abort)]
+    assert sender.poll(3) != Poll.Failed and sender.early_abort(3) is None
+    assert sender.stats["foreign_tombstones_ignored"] == 1
+
+
+def test_a_strangers_resume_and_init_of_an_honest_room_are_dropped() -> None:
+    sender = honest_and_stranger()
+    sender.receive(init(5), 0.1)
+    sender.send(5, 20, 0, 0.1)
+    sender.receive(Resume(5, 1, 1, 8, 8, ((2, 2),)), 0.2)
+    sender.receive(Init(5, 1, 2, S.block_size, 8, ((4, 2),)), 0.2)
+    assert sender.poll(5) != Poll.Failed and sender.stats["foreign_dropped"] == 2
+    assert set(sender.rooms[5].destinations) == {0}
+
+
+def test_within_a_set_an_abort_before_its_own_init_still_ends_the_room() -> None:
+    """Fan-out: rank 1 of 2 gives a room up before its init went out; rank 0 already joined."""
+    sender = Sender(S, incarnation=77)
+    sender.receive(register(0, 2, 1), 0.0)
+    sender.receive(register(1, 2, 2), 0.0)
+    sender.receive(init(5, 0, 2), 0.1)
+    actions = sender.receive(Abort(5, 1, "gave up"), 0.2)
+    assert sender.poll(5) == Poll.Failed and sender.failure(5) == "aborted by receiver rank 1: gave up"
+    assert [a.message for a in actions if isinstance(a, SendMessage) and isinstance(a.message, AbortAck)]
+
+
+def test_ranks_that_register_and_never_speak_are_forgotten_once_silent() -> None:
+    """100,000 Registers of distinct ranks: nothing of theirs stays past the heartbeat limit."""
+    sender = Sender(S, incarnation=77)
+    sender.receive(register(0, 1, 1), 0.0)
+    for rank in range(1, 200):
+        sender.receive(register(rank, 1000, rank + 10), 0.0)
+    sender.receive(init(5), 0.5)  # the honest rank speaks
+    limit = S.heartbeat_interval * S.heartbeat_misses
+    for second in range(1, int(limit) + 2):
+        sender.receive(Heartbeat(0, 1, second), float(second))
+        sender.tick(float(second))
+    assert set(sender.peers) == {0} and sender.stats["peers_evicted"] == 199 and sender.stats["peers_lost"] == 0
+    assert sender.peer_alive(0) and sender.poll(5) != Poll.Failed
+
+
+def test_registrations_beyond_the_rank_limit_are_refused_with_why() -> None:
+    sender = Sender(S, incarnation=77)
+    for rank in range(MAX_RANKS):
+        sender.receive(register(rank, MAX_RANKS + 1, rank + 1), 0.0)
+    [reply] = [a.message for a in sender.receive(register(MAX_RANKS, MAX_RANKS + 1, 9), 0.0)]
+    assert reply.accepted == 0 and reply.reason.startswith(f"this encode side serves at most {MAX_RANKS} language ranks")
+    assert sender.stats["registrations_over_limit"] == 1

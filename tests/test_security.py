@@ -152,6 +152,13 @@ def test_a_language_side_without_the_right_keys_is_refused_at_once(keys_file, tm
 
 # -- attacks from a stranger without keys, each bounded --------------------------------------------
 
+def all_400_exact(honest: subprocess.Popen) -> None:
+    out, err = honest.communicate(timeout=180)
+    assert honest.returncode == 0, err
+    summary = summary_of(out)
+    assert summary["succeeded"] == 400 and summary["failed"] == 0 and summary["wrong_rows"] == 0, summary
+
+
 def attacker_socket(context: zmq.Context, addr: str, curve: bool) -> zmq.Socket:
     """A stranger's DEALER: plain, or CURVE with a key pair of its own (it knows the server's
     public key, which is no secret)."""
@@ -223,10 +230,7 @@ def test_a_stranger_without_an_admitted_key_has_no_effect(keys_file, monkeypatch
     try:
         honest = secure_language(addr, 400, "--auth-keys", str(keys_file), "--in-flight", "8")
         connections = attack(name, context, addr, int(addr.rsplit(":", 1)[1]))
-        out, err = honest.communicate(timeout=180)
-        assert honest.returncode == 0, err
-        summary = summary_of(out)
-        assert summary["succeeded"] == 400 and summary["failed"] == 0 and summary["wrong_rows"] == 0, summary
+        all_400_exact(honest)
     finally:
         context.destroy(linger=0)
         encode_summary, statuses, encode_err = stop(encode)
@@ -269,10 +273,7 @@ def test_with_insecure_a_strangers_rank_cannot_end_or_take_the_honest_rooms(name
             for round_ in range(3):  # ids the honest client has finished, has in flight, will start
                 for room in range(400):
                     stranger.send_multipart(encode(Abort(room, 1, "hostile")))
-        out, err = honest.communicate(timeout=180)
-        assert honest.returncode == 0, err
-        summary = summary_of(out)
-        assert summary["succeeded"] == 400 and summary["failed"] == 0 and summary["wrong_rows"] == 0, summary
+        all_400_exact(honest)
     finally:
         context.destroy(linger=0)
         encode_summary, _, _ = stop(server)

@@ -229,7 +229,7 @@ class MooncakeWriter:
         # never all of them
         self._target_lock = threading.Lock()
         self._target_running: dict[str, int] = {}
-        self._target_queues: dict[str, deque[Callable[[], None]]] = {}
+        self._target_queues: dict[str, deque[Callable[..., None]]] = {}
         # rooms that failed: their writes not yet started never start (each would wait out
         # Mooncake's timeout against a peer that does not answer, pinning a worker)
         self._cancelled: set[int] = set()

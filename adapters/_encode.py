@@ -92,9 +92,6 @@ class EncodeServer(_Runtime):
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         # a language client reconnecting under its routing id takes its old place over
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        # the socket monitor says when a connection closes (by its file descriptor): a killed
-        # holder of a rank is seen at once, so its restart may take the rank at once (while
-        # a live holder's rank is refused to any other process)
         # no control frame is larger than the largest valid one (an Init's extents): ZeroMQ
         # drops the connection of a peer that sends one, before buffering it
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME + (CURVE_OVERHEAD if self.auth is not None else 0))
@@ -103,6 +100,9 @@ class EncodeServer(_Runtime):
             assert self.auth.encode_secret is not None
             self.authenticator = serve_securely(self.context, self.socket, self.auth.encode_public,
                                                 self.auth.encode_secret, self.auth.admitted())
+        # the socket monitor says when a connection closes (by its file descriptor): a killed
+        # holder of a rank is seen at once, so its restart may take the rank at once (while
+        # a live holder's rank is refused to any other process)
         self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURES)
         self._rank_by_fd: dict[int, int] = {}
         if bootstrap_port:
@@ -157,21 +157,6 @@ class EncodeServer(_Runtime):
         with self.lock:
             return self.endpoint.busy_rooms()
 
-    def _receive_all(self) -> None:
-        while True:
-            try:
-                # zero-copy frames only to learn the connection (SRCFD) each message came by
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            payload = [frame.bytes for frame in frames]
-            try:
-                fd = frames[0].get(zmq.SRCFD)
-            except zmq.ZMQError:  # a frame that carries no connection: only the disconnect rule misses it
-                fd = -1
-            key = peer_key(frames[-1]) if self.auth is not None else None
-            self._guarded(lambda: self._on_frames(payload, fd, key))
-
     def _on_monitor(self) -> None:
         monitor = self.monitor
         assert monitor is not None  # set in __init__
@@ -187,10 +172,18 @@ class EncodeServer(_Runtime):
                 self.counters["connections_closed"] += 1
                 self._on_disconnect(int(event["value"]))
 
-    def _on_frames(self, frames: list[bytes], fd: int = -1, key: bytes | None = None) -> None:
-        if len(frames) < 2:
+    # frames as zmq.Frame: each message's connection (SRCFD) and authenticated key (User-Id)
+    copy_frames = False
+
+    def _on_frames(self, received: list[Any]) -> None:
+        if len(received) < 2:
             raise DecodeError("frames", "no routing identity")
-        identity, payload = frames[0], frames[1:]
+        try:
+            fd = received[0].get(zmq.SRCFD)
+        except zmq.ZMQError:  # a frame that carries no connection: only the disconnect rule misses it
+            fd = -1
+        key = peer_key(received[-1]) if self.auth is not None else None
+        identity, payload = received[0].bytes, [frame.bytes for frame in received[1:]]
         if max(map(len, payload)) > self._largest_frame.get(identity, SMALL_FRAME):
             # larger than the sender's own pool can ask for (one extent a block): not worth
             # decoding (an Init's extents from a stranger, made to cost us time)

@@ -37,6 +37,7 @@ class _Runtime:
     endpoint: Any
     socket: zmq.Socket
     monitor: zmq.Socket | None = None  # the socket's monitor, when a runtime watches connections
+    copy_frames = True  # False: ``_on_frames`` gets zmq.Frame objects (to read their connection's metadata)
     authenticator: Any = None  # the context's CURVE authenticator thread, when the socket serves securely
 
     def __init__(self, settings: Settings, name: str, lock: Any = None) -> None:
@@ -89,7 +90,7 @@ class _Runtime:
     def _receive_all(self) -> None:
         while True:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=self.copy_frames)
             except zmq.Again:
                 return
             self._guarded(lambda: self._on_frames(frames))
@@ -111,7 +112,8 @@ class _Runtime:
     def _on_monitor(self) -> None:
         pass
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[Any]) -> None:
+        """One received message: bytes frames, or ``zmq.Frame`` objects (``copy_frames = False``)."""
         raise NotImplementedError
 
     def _on_loop(self, call: Callable[[], None]) -> None:

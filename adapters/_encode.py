@@ -15,7 +15,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from embxfer.core import (
     Action, DecodeError, Init, LocalProtocolError, Poll, PoolLayout, Register, Registered, ReleaseSource,
-    RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, check_room, decode, encode,
+    RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, check_room, decode, encode, peek_type,
 )
 from embxfer.specs.schemas import MAX_EXTENTS, MAX_STR_BYTES
 from embxfer.transports.auth import CURVE_OVERHEAD, AuthKeys, peer_key, serve_securely
@@ -24,6 +24,7 @@ from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
 from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter
 
 from ._failure_log import RateLimitedLog
+from ._fair_inbox import FairInbox
 from ._runtime import _Runtime, new_incarnation
 
 log = logging.getLogger("embxfer")
@@ -31,6 +32,28 @@ log = logging.getLogger("embxfer")
 HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 SMALL_FRAME = 2 * MAX_STR_BYTES  # the largest frame of any message but an Init's or Resume's extents
 MAX_CONTROL_FRAME = 8 * MAX_EXTENTS  # bytes: an Init's extents frame at its largest (8 bytes an extent)
+CONTROL_RCVBUF = 64 << 10  # bytes (the kernel doubles it): an Init of 65,536 extents takes a few round trips
+READ_BATCH = 1024  # messages read off the socket per wake-up, before serving them by turns
+SERVE_SLICE = 0.005  # seconds of handling per wake-up before completions and timers get their turn
+REGISTERS_PER_SECOND = 4.0  # per connection (burst REGISTER_BURST): an honest one registers once
+REGISTER_BURST = 8.0
+# messages refused before they reached the protocol (undecodable, oversized, from a
+# connection holding no rank, registrations past the rate, a connection's queue full):
+# past this rate the socket is left unread for a moment, so a flood costs bounded CPU and
+# ZeroMQ pushes back on its sender; honest messages are never refused, so never throttled
+# the counters of messages refused undecoded (decode_errors also counts those that failed decoding)
+REFUSED_UNREAD = ("decode_errors", "registrations_rate_limited", "unregistered_dropped", "oversized_dropped",
+                  "inbox_dropped", "over_pool_dropped", "throttled_dropped")
+SEVERAL_RANKS = -1  # a connection speaking for more than one rank (one process, several ranks)
+REGISTERING = -2  # a connection whose Register waits its turn
+# handling time a connection's failed messages (undecodable, refused) may cost, per second:
+# past it the connection's messages are refused as they are read until it has earned more.
+# An honest peer's messages never fail; a stranger's made to fail late (an Init of 65,536
+# extents whose last overlaps) cost ms each.
+FAILED_SECONDS_PER_SECOND = 0.05
+FAILED_SECONDS_BURST = 0.1
+REFUSED_PER_SECOND = 10_000.0
+REFUSED_BURST = 1_000.0
 
 
 class RowWriter(Protocol):
@@ -95,6 +118,9 @@ class EncodeServer(_Runtime):
         # no control frame is larger than the largest valid one (an Init's extents): ZeroMQ
         # drops the connection of a peer that sends one, before buffering it
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME + (CURVE_OVERHEAD if self.auth is not None else 0))
+        # a small kernel buffer per connection: what a flooding peer has already sent when it
+        # stops is read (and refused) in a moment, not for seconds after (TCP pushes back on it)
+        self.socket.setsockopt(zmq.RCVBUF, CONTROL_RCVBUF)
         self.authenticator = None
         if self.auth is not None:
             assert self.auth.encode_secret is not None
@@ -116,6 +142,11 @@ class EncodeServer(_Runtime):
         self._sessions: dict[int, str] = {}
         self._sources: dict[int, SourceRows] = {}
         self._completions: queue.SimpleQueue[tuple[WriteRows, str | None]] = queue.SimpleQueue()
+        self._inbox = FairInbox()
+        self._register_tokens: dict[bytes, tuple[float, float]] = {}  # connection -> (tokens, when)
+        self._rank_of: dict[bytes, int] = {}  # connection -> the rank it holds
+        self._failure_budget: dict[bytes, tuple[float, float]] = {}  # connection -> (seconds left, when)
+        self._refusals_left, self._refusals_when = REFUSED_BURST, time.monotonic()
         self._thread.start()
 
     def send(self, room: int, data: EmbeddingData) -> None:
@@ -175,7 +206,116 @@ class EncodeServer(_Runtime):
     # frames as zmq.Frame: each message's connection (SRCFD) and authenticated key (User-Id)
     copy_frames = False
 
-    def _on_frames(self, received: list[Any]) -> None:
+    def _receive_all(self) -> None:
+        """Drain the socket into per-connection queues, then serve them by turns weighed by
+        what each message cost (``FairInbox``): a flood, or messages made to be costly, from
+        one connection delay the others' by at most a turn.  What could only be refused is
+        refused as it is read, undecoded, and counts against the refusal rate."""
+        inbox = self._inbox
+        for _ in range(READ_BATCH):
+            if inbox.full() or self._reading_paused_until() is not None:
+                break  # ZeroMQ keeps the rest, each connection within its own limit
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            connection = frames[0].bytes
+            refusal = self._refusal(connection, frames)
+            if refusal is not None:
+                self._refused(refusal)
+            elif not inbox.put(connection, frames, sum(len(frame) for frame in frames)):
+                self._refused("inbox_dropped")  # that connection already has its fill waiting
+        inbox.serve(self._serve_one, time.perf_counter, SERVE_SLICE)
+
+    def _refusal(self, connection: bytes, frames: list[Any]) -> str | None:
+        """Why a message is refused as it is read, undecoded (None: queue it).  Each check
+        costs a lookup where a decode may cost milliseconds: this is what a stranger's flood
+        meets.  Messages queued before it are not served yet, so a Register or PoolLayout
+        let in counts at once (a connection registering may speak; a pool announced may
+        name its blocks), and is settled when served."""
+        if self._failure_budget and connection in self._failure_budget \
+                and self._failure_seconds_left(connection) <= 0:
+            return "throttled_dropped"  # its failed messages used up their time
+        if len(frames) < 3:
+            return "decode_errors"  # no routing identity, or no frame after the header
+        kind = peek_type(frames[1].bytes)
+        if kind is None:
+            return "decode_errors"
+        if kind is Register or kind is PoolLayout:
+            if not self._register_allowed(connection, time.monotonic()):
+                return "registrations_rate_limited"
+            if kind is Register:
+                self._rank_of.setdefault(connection, REGISTERING)
+            else:
+                self._largest_frame[connection] = MAX_CONTROL_FRAME  # until the layout is served
+        elif connection not in self._rank_of:
+            return "unregistered_dropped"  # only the connection that registered a rank speaks for it
+        largest = self._largest_frame.get(connection, SMALL_FRAME)
+        for frame in frames[2:]:
+            if len(frame) > largest:
+                # larger than the sender's own pool can ask for (one extent a block): not
+                # worth decoding (an Init's extents from a stranger, made to cost us time)
+                return "oversized_dropped"
+        return None
+
+    def _serve_one(self, connection: bytes, frames: list[Any]) -> None:
+        reached: list[bool] = []
+        started = time.perf_counter()
+        self._guarded(lambda: reached.append(self._on_frames(frames)))
+        if not reached or not reached[0]:  # undecodable (counted by _guarded), or refused
+            self._charge_failure(connection, time.perf_counter() - started)
+
+    def _charge_failure(self, connection: bytes, seconds: float) -> None:
+        left = self._failure_seconds_left(connection)
+        self._failure_budget[connection] = (left - seconds, time.perf_counter())
+
+    def _failure_seconds_left(self, connection: bytes) -> float:
+        """A token bucket of handling time per connection, charged only by failed messages."""
+        entry = self._failure_budget.get(connection)
+        if entry is None:
+            return FAILED_SECONDS_BURST
+        left, when = entry
+        now = time.perf_counter()
+        left = min(FAILED_SECONDS_BURST, left + (now - when) * FAILED_SECONDS_PER_SECOND)
+        if left >= FAILED_SECONDS_BURST:
+            del self._failure_budget[connection]  # earned back in full: nothing to remember
+        else:
+            self._failure_budget[connection] = (left, now)
+        return left
+
+    def _backlog(self) -> bool:
+        return bool(self._inbox)
+
+    def _refused(self, counter: str | None) -> None:
+        if counter is not None:
+            self.counters[counter] += 1
+        self._refusals_left -= 1.0
+
+    def _reading_paused_until(self) -> float | None:
+        if self._refusals_left >= 1.0:
+            return None
+        now = time.monotonic()
+        self._refusals_left = min(REFUSED_BURST, self._refusals_left + (now - self._refusals_when) * REFUSED_PER_SECOND)
+        self._refusals_when = now
+        if self._refusals_left >= 1.0:
+            return None
+        self.counters["reading_paused"] += 1
+        return now + (1.0 - self._refusals_left) / REFUSED_PER_SECOND + 0.001
+
+    def _register_allowed(self, connection: bytes, now: float) -> bool:
+        """A token bucket per connection: registrations beyond a few a second are dropped."""
+        tokens, when = self._register_tokens.get(connection, (REGISTER_BURST, now))
+        tokens = min(REGISTER_BURST, tokens + (now - when) * REGISTERS_PER_SECOND)
+        if tokens < 1.0:
+            self._register_tokens[connection] = (tokens, now)
+            return False
+        if len(self._register_tokens) > 4096:  # strangers' connections come and go: keep it bounded
+            self._register_tokens.clear()
+        self._register_tokens[connection] = (tokens - 1.0, now)
+        return True
+
+    def _on_frames(self, received: list[Any]) -> bool:
+        """One message; False when it was refused before reaching the protocol."""
         if len(received) < 2:
             raise DecodeError("frames", "no routing identity")
         try:
@@ -184,22 +324,22 @@ class EncodeServer(_Runtime):
             fd = -1
         key = peer_key(received[-1]) if self.auth is not None else None
         identity, payload = received[0].bytes, [frame.bytes for frame in received[1:]]
-        if max(map(len, payload)) > self._largest_frame.get(identity, SMALL_FRAME):
-            # larger than the sender's own pool can ask for (one extent a block): not worth
-            # decoding (an Init's extents from a stranger, made to cost us time)
-            self.counters["oversized_dropped"] += 1
-            return
+        holds = self._rank_of.get(identity)
+        if holds is not None and holds >= 0 and peek_type(payload[0]) is Init \
+                and len(payload[-1]) > 8 * self.endpoint.extents_allowed(holds):
+            self.counters["over_pool_dropped"] += 1  # the rank's rooms in flight already name its whole pool
+            return False
         message = decode(payload)
         now = time.monotonic()
         rank = getattr(message, "rank", None)
         if isinstance(message, Register):
             self._on_register(identity, message, now, fd, key)
-            return
+            return True
         if rank is not None and self._identities.get(rank) != identity:
             # only the socket that registered a rank speaks for it: a stray or stale peer
             # naming the rank must not steal its replies nor move its pool
             self.counters["unregistered_dropped"] += 1
-            return
+            return False
         if rank is not None and self._rank_by_fd.get(fd) != rank:
             self._rank_by_fd[fd] = rank  # the holder reconnected (a network blip): its new connection
         self._run(self.endpoint.receive(message, now))
@@ -211,6 +351,7 @@ class EncodeServer(_Runtime):
                 data = self.data_for_room(message.room)
                 if data is not None:  # None: this room's data is not (yet) known
                     self._send_locked(message.room, data)
+        return True
 
     def _on_register(self, identity: bytes, message: Register, now: float, fd: int = -1,
                      key: bytes | None = None) -> None:
@@ -222,12 +363,19 @@ class EncodeServer(_Runtime):
         if any(reply.accepted for reply in replies):
             if len(self._identities) > 2 * len(self.endpoint.peers) + 16:
                 self._forget_evicted_ranks()
+            previous = self._identities.get(message.rank)
+            if previous is not None and previous != identity:
+                self._rank_of.pop(previous, None)  # the rank's new holder speaks for it from now on
             self._identities[message.rank] = identity
+            held = self._rank_of.get(identity, REGISTERING)
+            self._rank_of[identity] = message.rank if held in (REGISTERING, message.rank) else SEVERAL_RANKS
             self._rank_by_fd[fd] = message.rank
             self._sessions[message.rank] = message.session_id
             if key is not None and isinstance(self.writer, ZmqWriter):
                 # the rank's data socket proves the same key its control connection did
                 self.writer.trust(message.session_id, key)
+        elif self._rank_of.get(identity) == REGISTERING:
+            del self._rank_of[identity]  # refused: the connection holds nothing to speak for
         for reply in replies:
             if not reply.accepted:
                 self.refusal_log.warning("refused a registration as rank %d: %s", message.rank, reply.reason)
@@ -237,6 +385,8 @@ class EncodeServer(_Runtime):
     def _forget_evicted_ranks(self) -> None:
         """Ranks the sender forgot (registered, never spoke, went silent) leave our maps too."""
         for rank in [rank for rank in self._identities if rank not in self.endpoint.peers]:
+            if self._rank_of.get(self._identities[rank]) == rank:
+                del self._rank_of[self._identities[rank]]
             del self._identities[rank]
             self._sessions.pop(rank, None)
         for fd in [fd for fd, rank in self._rank_by_fd.items() if rank not in self.endpoint.peers]:

@@ -64,10 +64,23 @@ class _Runtime:
         poller.register(self._wakeup.read_fd, zmq.POLLIN)
         if self.monitor is not None:
             poller.register(self.monitor, zmq.POLLIN)
+        reading = True
         while not self._stopping:
             with self.lock:
                 deadline = self.endpoint.next_deadline()
-            timeout = None if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000.0)
+                paused_until = self._reading_paused_until()
+            now = time.monotonic()
+            if paused_until is not None and paused_until > now:
+                deadline = paused_until if deadline is None else min(deadline, paused_until)
+                if reading:  # ZeroMQ holds what arrives meanwhile, each connection within its limit
+                    poller.unregister(self.socket)
+                    reading = False
+            elif not reading:
+                poller.register(self.socket, zmq.POLLIN)
+                reading = True
+            timeout = None if deadline is None else max(0.0, (deadline - now) * 1000.0)
+            if self._backlog():
+                timeout = 0.0  # received messages still wait their turn: serve them, then look again
             events = dict(poller.poll(timeout))
             if self._wakeup.read_fd in events:
                 self._wakeup.drain()
@@ -78,7 +91,7 @@ class _Runtime:
                     self._guarded(self._loop_calls.popleft())
                 if self.monitor is not None and self.monitor in events:
                     self._guarded(self._on_monitor)  # before messages: a connection closed came first
-                if self.socket in events:
+                if self.socket in events or self._backlog():
                     self._receive_all()
                 self._after_wake()
                 self._guarded(lambda: self._run(self.endpoint.tick(time.monotonic())))
@@ -94,6 +107,14 @@ class _Runtime:
             except zmq.Again:
                 return
             self._guarded(lambda: self._on_frames(frames))
+
+    def _backlog(self) -> bool:
+        """Messages received and not yet handled (a runtime that queues them, the encode side)."""
+        return False
+
+    def _reading_paused_until(self) -> float | None:
+        """While a flood is being refused, when to read the socket again (None: read now)."""
+        return None
 
     def _guarded(self, step: Any) -> None:
         """One input's processing; whatever goes wrong costs at most that input, never the thread."""
@@ -112,8 +133,9 @@ class _Runtime:
     def _on_monitor(self) -> None:
         pass
 
-    def _on_frames(self, frames: list[Any]) -> None:
-        """One received message: bytes frames, or ``zmq.Frame`` objects (``copy_frames = False``)."""
+    def _on_frames(self, frames: list[Any]) -> bool | None:
+        """One received message: bytes frames, or ``zmq.Frame`` objects (``copy_frames = False``);
+        False when it was refused before reaching the protocol."""
         raise NotImplementedError
 
     def _on_loop(self, call: Callable[[], None]) -> None:

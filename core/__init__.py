@@ -11,7 +11,7 @@ from ._actions import (
     Action, CollectRows, Poll, ReleaseSource, RoomExpired, RoomFinished, RowsLanded, SendMessage, WriteRows,
 )
 from ._allocator import Allocation, Allocator
-from ._codec import decode, encode
+from ._codec import decode, encode, peek_type
 from ._endpoint import check_room
 from ._errors import (
     AllocatorError,
@@ -40,7 +40,7 @@ __all__ = [
     "Message", "Register", "Registered", "Init", "Resume", "Status", "Abort", "AbortAck", "Heartbeat",
     "PoolLayout", "AuxHeader",
     # codecs
-    "encode", "decode", "fork_encode", "fork_decode", "fork_to_native", "native_to_fork", "ForkInit", "ForkResume",
+    "encode", "decode", "peek_type", "fork_encode", "fork_decode", "fork_to_native", "native_to_fork", "ForkInit", "ForkResume",
     # settings and errors
     "Settings", "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "DecodeError", "BlockSizeMismatch",
     "InvalidField", "IllegalTransition", "SettingsError", "AllocatorError", "RoomFailedError",

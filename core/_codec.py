@@ -52,6 +52,16 @@ def encode(message: Message) -> list[bytes]:
     return frames
 
 
+def peek_type(header: bytes) -> type | None:
+    """The message class a header frame announces, without decoding the rest (None: not a
+    valid header): lets a driver refuse, unread, what it would refuse decoded."""
+    if len(header) != _HEADER.size:
+        return None
+    magic, version, tag = _HEADER.unpack(header)
+    layout = _BY_TAG.get(tag) if magic == MAGIC and version == VERSION else None
+    return layout.cls if layout is not None else None
+
+
 def decode(frames: Sequence[Any]) -> Message:
     """Decode one multipart message.  The codec checks what the wire can carry; whether a
     peer's values suit us (block size, hidden size, ...) is the core's to judge."""

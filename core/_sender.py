@@ -43,6 +43,7 @@ class _Destination:
     owes_abort: str | None = None  # our abort, held back until its write completes
     incarnation: int | None = None  # of the receiver process that sent the init
     init: Init | None = None  # the init that opened it: a copy arriving later is a duplicate
+    extents_named: int = 0  # by its latest allocation, counted against its rank's pool while the room lives
 
 
 @attrs.define(slots=True)
@@ -90,6 +91,7 @@ class Sender(ReceiverRanks, Endpoint):
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
         self._peer_sets: dict[tuple[tuple[int, int | None], ...], tuple[tuple[int, int | None], ...]] = {}
         self._single_peer_sets: dict[int, tuple[tuple[int, int | None], ...]] = {}
+        self._extents_named: dict[int, int] = {}
 
     # -- queries -----------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -214,6 +216,8 @@ class Sender(ReceiverRanks, Endpoint):
         record = self._lookup(message.room)
         if record is None and self._aborted_by_another_set(message):
             self._forget_tombstone_of(message.room)  # a rank of another room set aborted this id: not ours
+        if record is not None and self._held_by_a_larger_set(record, message):
+            self._yield_to_smaller_set(record, message, actions)
         if record is not None and self._foreign(record, message.rank):
             self.stats["foreign_dropped"] += 1
             return actions
@@ -227,9 +231,16 @@ class Sender(ReceiverRanks, Endpoint):
                     message.room, "room already finished on the sender")
                 actions.append(SendMessage(Abort(message.room, message.rank, reason[:REASON_BYTES]), message.rank))
             return actions
+        known = record.destinations.get(message.rank) if record is not None else None
+        over = self._over_allowance(message.rank, len(message.extents)) if known is None else None
+        if over is not None:
+            if record is None:  # nothing opened: the receiver hears why at once
+                actions.append(SendMessage(Abort(message.room, message.rank, over[:REASON_BYTES]), message.rank))
+            else:
+                self._fail(record, FAIL, over, now, actions, extra_rank=message.rank)
+            return actions
         if record is None:
             record = self._open(message.room, now)
-        known = record.destinations.get(message.rank)
         if known is not None:
             if message == known.init:  # the network's copy, at whatever stage the room is
                 self.stats["duplicate_dropped"] += 1
@@ -256,10 +267,11 @@ class Sender(ReceiverRanks, Endpoint):
                 now, actions, extra_rank=message.rank,
             )
             return actions
-        record.destinations[message.rank] = _Destination(
+        dest = record.destinations[message.rank] = _Destination(
             message.rank, message.block_size, request=message, incarnation=self._liveness.incarnation(message.rank),
             init=message,
         )
+        self._name_extents(dest, len(message.extents))
         trigger = DESTINATIONS_KNOWN if len(record.destinations) == record.required else INIT_RECEIVED
         if not self._step(record, trigger, now, actions):
             return actions
@@ -298,6 +310,11 @@ class Sender(ReceiverRanks, Endpoint):
         except InvalidField as error:
             self._fail(record, FAIL, f"resume from rank {message.rank}: {error}", now, actions)
             return actions
+        over = self._over_allowance(message.rank, len(message.extents), replacing=dest.extents_named)
+        if over is not None:
+            self._fail(record, FAIL, over, now, actions)
+            return actions
+        self._name_extents(dest, len(message.extents))
         dest.round = message.round
         dest.request = message
         self._write(record, dest, actions)
@@ -359,6 +376,7 @@ class Sender(ReceiverRanks, Endpoint):
     ) -> None:
         """Tell every destination that still needs rows (after its write in flight lands),
         and let the source go once no write reads it."""
+        self._unname_extents(record)
         ranks = set(record.destinations)
         if extra_rank is not None and extra_rank not in ranks:
             actions.append(SendMessage(Abort(record.room, extra_rank, reason), extra_rank))
@@ -387,6 +405,7 @@ class Sender(ReceiverRanks, Endpoint):
             histograms["resume_rounds"].observe(dest.round)
             last_round = max(last_round, dest.round)
         histograms["room_tokens"].observe(record.aux.total_tokens)
+        self._unname_extents(record)
         self._release_source_when_idle(record, actions)
         actions.append(RoomFinished(record.room, Poll.Success, round=last_round))
 

@@ -7,18 +7,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from embxfer.specs.tables import PEER_LOST, TERMINAL_STATES
+from embxfer.specs.schemas import MAX_EXTENTS
+from embxfer.specs.tables import BOOTSTRAPPING, PEER_LOST, TERMINAL_STATES
 
 from ._actions import Action, SendMessage
 from ._endpoint import REASON_BYTES, RETIRED_MEMORY, check_room
 from ._liveness import Liveness
-from ._messages import Heartbeat, PoolLayout, Register, Registered
+from ._messages import Abort, Heartbeat, PoolLayout, Register, Registered
 from ._settings import Settings
 
 # registered ranks at once (a live one, or a dead one that had rooms; one that registered and
 # never spoke is forgotten once silent past the heartbeat limit): bounds what strangers'
 # registrations can make the sender hold and heartbeat
 MAX_RANKS = 1024
+# each live room's allocation (its init's, then its latest resume's) names at least one
+# block of its rank's pool, and a rank's live allocations hold disjoint blocks: the extents
+# they name stay within the pool's blocks.  Twice that (a room
+# that ended on the receiver may be reused before its end reaches us), at most
+# 2 * MAX_EXTENTS whatever pool a rank announces: bounds a rank's rooms in flight and what
+# a stranger's inits can make us hold.
+EXTENT_SLACK = 16
 
 
 class ReceiverRanks:
@@ -34,6 +42,7 @@ class ReceiverRanks:
     _retired: Any
     _early_aborts: Any
     _peer_sets: dict[tuple[tuple[int, int | None], ...], tuple[tuple[int, int | None], ...]]
+    _extents_named: dict[int, int]  # by rank: extents its live rooms' inits and resumes name
     _single_peer_sets: dict[int, tuple[tuple[int, int | None], ...]]
 
     if TYPE_CHECKING:  # provided by Endpoint, which comes after this mixin in Sender's bases
@@ -50,6 +59,11 @@ class ReceiverRanks:
     def pool_layout(self, rank: int) -> PoolLayout | None:
         """Where ``rank``'s pool lives, as its registered socket announced (None before)."""
         return self._layouts.get(rank)
+
+    def extents_allowed(self, rank: int) -> int:
+        """How many extents one more allocation of ``rank`` may name now: a driver may drop,
+        undecoded, an init or resume whose extents frame is larger (it would be refused)."""
+        return self._extent_allowance(rank) - self._extents_named.get(rank, 0)
 
     def _gauges(self) -> dict[str, int]:
         return {"peers_alive": sum(1 for rank in self.peers if self._liveness.is_alive(rank))}
@@ -168,6 +182,40 @@ class ReceiverRanks:
             return False
         return True
 
+    # -- what a rank's live rooms may hold ------------------------------------------------
+    def _extent_allowance(self, rank: int) -> int:
+        layout = self._layouts.get(rank)
+        blocks = layout.pool_slots // self.settings.block_size if layout is not None else self.settings.pool_blocks
+        return 2 * min(blocks, MAX_EXTENTS) + EXTENT_SLACK
+
+    def _over_allowance(self, rank: int, extents: int, replacing: int = 0) -> str | None:
+        """Why ``extents`` (in place of ``replacing``) would take ``rank`` past what its pool
+        allows (None: they fit)."""
+        held = self._extents_named.get(rank, 0) - replacing + extents
+        allowance = self._extent_allowance(rank)
+        if held <= allowance:
+            return None
+        self.stats["over_pool_refused"] += 1
+        return f"rank {rank}'s rooms in flight would name {held} extents; its pool allows {allowance}"
+
+
+    def _name_extents(self, dest: Any, extents: int) -> None:
+        """``dest``'s allocation now names ``extents`` (a resume's blocks replace the last
+        round's: the receiver moved those rows out and may reuse them)."""
+        self._extents_named[dest.rank] = self._extents_named.get(dest.rank, 0) - dest.extents_named + extents
+        dest.extents_named = extents
+
+    def _unname_extents(self, record: Any) -> None:
+        """The room ended: what its destinations named no longer counts for their ranks."""
+        for dest in record.destinations.values():
+            if dest.extents_named:
+                left = self._extents_named.get(dest.rank, 0) - dest.extents_named
+                if left > 0:
+                    self._extents_named[dest.rank] = left
+                else:
+                    self._extents_named.pop(dest.rank, None)
+                dest.extents_named = 0
+
     # -- room sets: a rank speaks only for rooms of its own set (required_dst_info_num ranks) --
     @staticmethod
     def _foreign(record: Any, rank: int) -> bool:
@@ -176,6 +224,29 @@ class ReceiverRanks:
         authentication this is what keeps a stranger registered as another rank from ending
         or poisoning rooms it never joined.)"""
         return record.required is not None and rank >= record.required and rank not in record.destinations
+
+    @staticmethod
+    def _held_by_a_larger_set(record: Any, init: Any) -> bool:
+        """``record`` waits for the inits of a larger set, none of whose ranks so far lies in
+        ``init``'s set.  A rank registers only while its holder is gone, so a set larger than
+        the ranks held by live processes can never complete: it is a stranger's (or a stale
+        client's) claim on the id, and the smaller set takes the room over before any write."""
+        required = init.required_dst_info_num
+        if record.state != BOOTSTRAPPING or record.required is None or required >= record.required:
+            return False
+        for rank in record.destinations:
+            if rank < required:
+                return False
+        return True
+
+    def _yield_to_smaller_set(self, record: Any, init: Any, actions: list[Action]) -> None:
+        self.stats["rooms_taken_over"] += 1
+        reason = f"room id taken by rank {init.rank} of a set of {init.required_dst_info_num}"
+        for rank in sorted(record.destinations):
+            actions.append(SendMessage(Abort(record.room, rank, reason), rank))
+        self._unname_extents(record)
+        record.destinations.clear()
+        record.required = None
 
     def _aborted_by_another_set(self, init: Any) -> bool:
         """``init``'s room id carries only the early abort of ranks outside ``init``'s set."""

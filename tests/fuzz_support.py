@@ -19,7 +19,7 @@ import zmq
 
 from embxfer.adapters import LanguageClient, Poll
 from embxfer.adapters.workload import room_data
-from embxfer.core import Register, Registered, Settings, decode
+from embxfer.core import Register, Registered, Settings, decode, encode
 
 CLI = [sys.executable, "-m", "embxfer.adapters.cli"]
 SEED = 5
@@ -201,16 +201,20 @@ def registration(rank: int) -> Register:
     return Register(rank, rank + 1, 7, BLOCK_SIZE, HIDDEN, DTYPE, "fuzz", "127.0.0.1:1", "mooncake")
 
 
-def wait_registered(sock: zmq.Socket, timeout: float, replies: list) -> Registered:
+def wait_registered(sock: zmq.Socket, timeout: float, replies: list, register: Register | None = None) -> Registered:
     """Read replies until a Registered arrives: everything this socket sent before its
-    Register has then been handled (one connection is processed in order)."""
+    Register has then been handled (one connection is processed in order).  ``register``
+    is sent again each second without an answer: a connection past its registration rate
+    (a fuzzer's) has its Registers dropped unanswered."""
     deadline = time.monotonic() + timeout
     while (remaining := deadline - time.monotonic()) > 0:
-        if sock.poll(int(remaining * 1000) + 1):
+        if sock.poll(int(min(remaining, 1.0) * 1000) + 1):
             message = decode(sock.recv_multipart())
             if isinstance(message, Registered):
                 return message
             replies.append(message)
+        elif register is not None:
+            sock.send_multipart(encode(register))
     raise AssertionError(f"no Registered within {timeout} s: the encode side's I/O thread is not answering")
 
 

@@ -101,3 +101,62 @@ def test_registrations_beyond_the_rank_limit_are_refused_with_why() -> None:
     [reply] = [a.message for a in sender.receive(register(MAX_RANKS, MAX_RANKS + 1, 9), 0.0)]
     assert reply.accepted == 0 and reply.reason.startswith(f"this encode side serves at most {MAX_RANKS} language ranks")
     assert sender.stats["registrations_over_limit"] == 1
+
+
+# -- a stranger's init cannot reserve an id, nor can a rank's inits outgrow its pool -----------
+
+def test_an_honest_init_takes_a_room_over_from_a_strangers_incomplete_set() -> None:
+    """The stranger (rank 1 of a set of 2) inits room 5 first: its set can never complete
+    while rank 0 is held, so the honest set of 1 takes the id over before anything is written."""
+    sender = honest_and_stranger()
+    sender.receive(Init(5, 1, 2, S.block_size, 8, ((4, 2),)), 0.1)
+    actions = sender.receive(init(5), 0.2)
+    [abort] = [a for a in actions if isinstance(a, SendMessage) and isinstance(a.message, Abort)]
+    assert abort.rank == 1 and abort.message.reason == "room id taken by rank 0 of a set of 1"
+    assert set(sender.rooms[5].destinations) == {0} and sender.stats["rooms_taken_over"] == 1
+    writes = sender.send(5, 8, 0, 0.3)
+    assert [a.rank for a in writes if type(a).__name__ == "WriteRows"] == [0]
+    # the stranger's init again, now foreign to the honest set: dropped
+    sender.receive(Init(5, 1, 2, S.block_size, 8, ((4, 2),)), 0.4)
+    assert sender.stats["foreign_dropped"] == 1 and set(sender.rooms[5].destinations) == {0}
+
+
+def test_a_set_that_includes_the_new_ranks_is_not_taken_over() -> None:
+    """Fan-out: rank 0 of a set of 2 already joined; rank 0 of a set of 1 (a different init
+    of the same rank) fails the room as before, it does not take it."""
+    sender = Sender(S, incarnation=77)
+    sender.receive(register(0, 2, 1), 0.0)
+    sender.receive(init(5, 0, 2), 0.1)
+    sender.receive(init(5, 0, 1), 0.2)
+    assert sender.poll(5) == Poll.Failed and sender.stats.get("rooms_taken_over", 0) == 0
+
+
+def test_a_ranks_live_rooms_name_at_most_twice_its_pool() -> None:
+    """Each live room holds blocks of its rank's pool: inits past twice the pool (plus a
+    little) are refused with an abort, and open nothing; what ends gives its share back."""
+    sender = Sender(S, incarnation=77)
+    sender.receive(register(0, 1, 1), 0.0)
+    allowance = 2 * S.pool_blocks + 16
+    assert sender.extents_allowed(0) == allowance
+    one_block = [Init(room, 0, 1, S.block_size, S.block_size, ((room % S.pool_blocks, 1),)) for room in range(allowance + 1)]
+    for message in one_block[:-1]:
+        sender.receive(message, 0.1)
+    assert sender.extents_allowed(0) == 0 and len(sender.rooms) == allowance
+    [refusal] = sender.receive(one_block[-1], 0.1)
+    assert isinstance(refusal.message, Abort) and "its pool allows 32" in refusal.message.reason
+    assert one_block[-1].room not in sender.rooms and sender.stats["over_pool_refused"] == 1
+    sender.abort(0, 0.2)  # one room ends: its extent counts no more
+    assert sender.extents_allowed(0) == 1
+    sender.receive(one_block[-1], 0.3)
+    assert one_block[-1].room in sender.rooms and sender.extents_allowed(0) == 0
+
+
+def test_a_resume_names_its_rounds_blocks_in_place_of_the_last_rounds() -> None:
+    sender = Sender(S, incarnation=77)
+    sender.receive(register(0, 1, 1), 0.0)
+    sender.receive(Init(5, 0, 1, S.block_size, 8, ((0, 1), (2, 1))), 0.1)
+    [write] = [a for a in sender.send(5, 20, 0, 0.1) if type(a).__name__ == "WriteRows"]
+    sender.write_done(5, 0, 0, 0.2)
+    assert sender.extents_allowed(0) == 2 * S.pool_blocks + 16 - 2
+    sender.receive(Resume(5, 0, 1, 8, 12, ((4, 3),)), 0.3)
+    assert sender.extents_allowed(0) == 2 * S.pool_blocks + 16 - 1

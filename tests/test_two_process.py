@@ -118,13 +118,13 @@ def test_an_interrupted_text_summary_says_so_and_counts_what_never_started():
              "--synthetic-seed", "5", *SETTINGS],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        out, _ = interrupt_mid_run(process, 100000)
+        out, err = interrupt_mid_run(process, 100000)
         line = next(line for line in out.splitlines() if line.startswith("embxfer serve-language"))
         started, succeeded, failed, in_flight, not_started = map(int, re.search(
             r"interrupted: (\d+) of 100000 rooms started, (\d+) succeeded, (\d+) failed, (\d+) in flight "
             r"\(aborted at shutdown\), (\d+) not started", line).groups())
         assert started + not_started == 100000 and succeeded + failed + in_flight == started and not_started > 0
-        assert process.returncode == 1
+        assert process.returncode == 1, err[-3000:]
     finally:
         stop_encode(encode)
 

@@ -1,0 +1,229 @@
+"""Floods against an --insecure serve-encode, with an honest serve-language beside it.
+
+Without keys anyone can reach the bootstrap port, and may even register a rank nobody
+holds.  What must still hold (issue 12): the honest client's rooms never fail, its
+throughput during the attack stays at least half of what it was, is back to 90% within
+2 s after, and the encode side's memory grows by at most a fifth.
+
+Each attack is bounded in time (ATTACK_SECONDS, paced) and count, and its messages are
+built before the honest baseline is measured, so the attacker's own encoding is not what
+slows the honest rooms on this 2-core machine.  Honest throughput is read from
+serve-language's progress lines (``--report-every``), each stamped as it arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from embxfer.core import Init, PoolLayout, Register, encode
+
+from test_security import start_secure_encode, stop
+from test_two_process import CLI, SETTINGS, summary_of
+
+ATTACK_SECONDS = 3.0
+BASELINE_SECONDS = 2.5
+REPORT_EVERY = 10
+
+
+class Honest:
+    """serve-language --insecure, its progress lines stamped as they arrive."""
+
+    def __init__(self, addr: str) -> None:
+        self.process = subprocess.Popen(
+            [*CLI, "serve-language", "--bootstrap-addr", addr, "--requests", "1000000", "--verify", "--insecure",
+             "--synthetic-seed", "5", "--json", "--no-progress", "--in-flight", "8",
+             "--report-every", str(REPORT_EVERY), *SETTINGS],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.marks: list[tuple[float, int]] = []
+        self.lines: list[str] = []
+        self.progressed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            stamp = time.monotonic()
+            self.lines.append(line)
+            if line.startswith('{"progress"'):
+                with self.progressed:
+                    self.marks.append((stamp, json.loads(line)["progress"]))
+                    self.progressed.notify_all()
+        with self.progressed:
+            self.progressed.notify_all()
+
+    def wait_until(self, moment: float) -> None:
+        """Block until a progress line stamped at or after ``moment`` arrives (or the process ends)."""
+        with self.progressed:
+            self.progressed.wait_for(lambda: (self.marks and self.marks[-1][0] >= moment)
+                                     or self.process.poll() is not None, timeout=60)
+        assert self.process.poll() is None, "".join(self.lines) + self.process.stderr.read()
+
+    def rate(self, start: float, end: float) -> float:
+        """Rooms a second completed between two moments (from the marks around them)."""
+        inside = [progress for stamp, progress in self.marks if start <= stamp <= end]
+        assert len(inside) >= 2, (start, end, self.marks[-5:])
+        return (inside[-1] - inside[0]) / (end - start)
+
+    def stop(self) -> dict:
+        self.process.send_signal(2)
+        self.process.wait(timeout=60)
+        self._reader.join(timeout=60)
+        assert self.process.returncode == 1, self.process.stderr.read()[-3000:]  # 1: interrupted
+        return summary_of("".join(self.lines))
+
+
+def paced(batches: list[Callable[[], None]], seconds: float) -> None:
+    """Run ``batches`` spread evenly over ``seconds`` (the attack's rate)."""
+    started = time.monotonic()
+    pause = threading.Event()
+    for index, batch in enumerate(batches):
+        batch()
+        pause.wait(max(0.0, started + seconds * (index + 1) / len(batches) - time.monotonic()))
+
+
+def dealer(context: zmq.Context, addr: str) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    # a small kernel send buffer: the attack ends when the attacker stops, not seconds later
+    # when the megabytes its kernel still holds (a tail of the same flood) have arrived
+    sock.setsockopt(zmq.SNDBUF, 64 << 10)
+    sock.connect(f"tcp://{addr}")
+    return sock
+
+
+def send_all(sock: zmq.Socket, messages: list[list[bytes]]) -> Callable[[], None]:
+    def batch() -> None:
+        for frames in messages:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:  # a connection ZeroMQ dropped (an oversized frame): the rest is lost
+                return
+    return batch
+
+
+def prepare(name: str, context: zmq.Context, addr: str) -> list[Callable[[], None]]:
+    """One attack's paced batches (ten a second), its messages already encoded."""
+    rng = random.Random(name)
+    steps = int(ATTACK_SECONDS * 10)
+    if name == "huge inits":
+        # a stranger registers rank 1 of a set of 2, announces a pool of 65,535 blocks and
+        # sends Inits naming 60,000 extents each (0.48 MB, ~30 ms to decode): 50 a second
+        sock = dealer(context, addr)
+        sock.send_multipart(encode(Register(1, 2, 7, 16, 32, "float16", "x", "127.0.0.1:1", "mooncake")))
+        assert sock.poll(30_000), "the stranger's registration was not answered"
+        sock.recv_multipart()
+        sock.send_multipart(encode(PoolLayout(1, 16 * 65_535, 4096, 4096, 4096, 4096)))
+        extents = encode(Init(0, 1, 2, 16, 16 * 60_000, tuple((2 * i, 1) for i in range(60_000))))[-1]
+        inits = [[*encode(Init(10_000_000 + room, 1, 2, 16, 16, ((0, 1),)))[:2], extents]
+                 for room in range(5 * steps)]
+        return [send_all(sock, inits[i * 5:(i + 1) * 5]) for i in range(steps)]
+    if name == "registers of every rank":
+        # 75,000 Registers of distinct ranks from 10 connections (25,000 a second)
+        socks = [dealer(context, addr) for _ in range(10)]
+        registers = [encode(Register(rank, rank + 1, rank, 16, 32, "float16", "x", "y", "mooncake"))
+                     for rank in range(2_500 * steps)]
+        per_step = len(registers) // steps
+        return [send_all(socks[i % 10], registers[i * per_step:(i + 1) * per_step]) for i in range(steps)]
+    assert name == "garbage"
+    # 150,000 garbage messages (50,000 a second), frames larger than any control message
+    # (each costs its connection), and 300 raw TCP connections writing bytes
+    sock = dealer(context, addr)
+    garbage = [[rng.randbytes(rng.randrange(1, 64)) for _ in range(rng.randrange(1, 4))] for _ in range(5_000 * steps)]
+    per_step = len(garbage) // steps
+    port = int(addr.rsplit(":", 1)[1])
+
+    def huge_and_raw(step: int) -> None:
+        send_all(dealer(context, addr), [[rng.randbytes(1 << 20)]])()
+        for i in range(10):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(rng.randbytes(1 + 97 * i + step))
+
+    return [(lambda i=i: (send_all(sock, garbage[i * per_step:(i + 1) * per_step])(), huge_and_raw(i)))
+            for i in range(steps)]
+
+
+def flood(name: str) -> tuple[dict, dict, dict[str, float], list[float]]:
+    """(honest summary, encode summary, honest rates before/during/after, encode RSS figures)."""
+    server, addr = start_secure_encode("--insecure")
+    context = zmq.Context()
+    honest = Honest(addr)
+    try:
+        honest.wait_until(0.0)  # rooms are flowing
+        batches = prepare(name, context, addr)
+        honest.wait_until(time.monotonic() + BASELINE_SECONDS)
+        attack_started = time.monotonic()
+        before = honest.rate(attack_started - BASELINE_SECONDS, attack_started)
+        rss_before = read_rss(server.pid)
+        paced(batches, ATTACK_SECONDS)
+        context.destroy(linger=0)  # what the attacker still queued is dropped with its sockets
+        attack_ended = time.monotonic()
+        honest.wait_until(attack_ended + 3.0)
+        rates = {"before": before, "during": honest.rate(attack_started, attack_ended),
+                 "after": honest.rate(attack_ended + 1.0, attack_ended + 3.0)}
+        rss = [rss_before, read_rss(server.pid)]
+    finally:
+        context.destroy(linger=0)
+        honest_summary = honest.stop()
+        encode_summary, _, _ = stop(server)
+    return honest_summary, encode_summary, rates, rss
+
+
+def read_rss(pid: int) -> float:
+    """The encode process's resident memory, MB (from /proc, as its own status lines do)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+# what each attack met, by the encode side's counters
+MET = {
+    # a stranger's inits past its pool's allowance, and those made to fail decoding late,
+    # are refused: it is throttled once its failures used up their time
+    "huge inits": lambda c: c.get("throttled_dropped", 0) + c.get("over_pool_dropped", 0) > 0,
+    # a few registrations a second per connection: at most 8 + 4 a second each reach the core
+    "registers of every rank": lambda c: c["registrations_rate_limited"] > 0
+    and c.get("registrations", 0) + c.get("registrations_held", 0) <= 1 + 10 * (8 + 4 * (ATTACK_SECONDS + 1)),
+    # refused as read, at a bounded rate: reading pauses now and then
+    "garbage": lambda c: c["decode_errors"] > 0 and c["reading_paused"] > 0,
+}
+
+
+def check(name: str) -> None:
+    honest, encode_summary, rates, rss = flood(name)
+    counters = encode_summary["counters"]
+    print(f"[flood] --insecure, {name}: honest rooms/s before {rates['before']:.0f}, during {rates['during']:.0f} "
+          f"({rates['during'] / rates['before']:.0%}), 1-3 s after {rates['after']:.0f} "
+          f"({rates['after'] / rates['before']:.0%}); encode RSS {rss[0]:.0f} -> {rss[1]:.0f} MB; "
+          f"{honest['succeeded']} honest rooms exact; refused: "
+          f"{ {k: v for k, v in counters.items() if k.endswith(('_dropped', '_limited', '_refused', 'errors', 'paused'))} }")
+    assert honest["failed"] == 0 and honest["wrong_rows"] == 0 and honest["leaked_blocks"] == 0, honest
+    assert rates["during"] >= 0.5 * rates["before"], rates
+    assert rates["after"] >= 0.9 * rates["before"], rates
+    assert rss[1] <= 1.2 * rss[0], rss
+    assert counters.get("internal_errors", 0) == 0, counters
+    assert MET[name](counters), counters
+
+
+def test_a_flood_of_huge_inits_from_a_registered_stranger() -> None:
+    check("huge inits")
+
+
+def test_a_flood_of_registers_of_every_rank() -> None:
+    check("registers of every rank")
+
+
+def test_a_flood_of_garbage_oversized_frames_and_raw_connections() -> None:
+    check("garbage")

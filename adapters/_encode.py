@@ -33,6 +33,7 @@ HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILE
 SMALL_FRAME = 2 * MAX_STR_BYTES  # the largest frame of any message but an Init's or Resume's extents
 MAX_CONTROL_FRAME = 8 * MAX_EXTENTS  # bytes: an Init's extents frame at its largest (8 bytes an extent)
 CONTROL_RCVBUF = 64 << 10  # bytes (the kernel doubles it): an Init of 65,536 extents takes a few round trips
+CONTROL_RCVHWM = 100  # messages
 READ_BATCH = 1024  # messages read off the socket per wake-up, before serving them by turns
 SERVE_SLICE = 0.005  # seconds of handling per wake-up before completions and timers get their turn
 REGISTERS_PER_SECOND = 4.0  # per connection (burst REGISTER_BURST): an honest one registers once
@@ -44,16 +45,23 @@ REGISTER_BURST = 8.0
 # the counters of messages refused undecoded (decode_errors also counts those that failed decoding)
 REFUSED_UNREAD = ("decode_errors", "registrations_rate_limited", "unregistered_dropped", "oversized_dropped",
                   "inbox_dropped", "over_pool_dropped", "throttled_dropped")
+# the core's counters of messages that advanced no room: they charge their connection's
+# failure time like a refusal (a registered stranger's aborts of rooms outside its set or of
+# ids nobody opened, resumes of rooms that ended, refused registrations); an honest peer
+# sends a few, a flood of them is throttled
+CHARGED_BY_CORE = ("foreign_dropped", "stray_dropped", "late_dropped", "duplicate_dropped", "unregistered_dropped",
+                   "stale_heartbeats", "over_pool_refused", "registrations_held", "registrations_over_limit",
+                   "early_aborts_received")
 SEVERAL_RANKS = -1  # a connection speaking for more than one rank (one process, several ranks)
 REGISTERING = -2  # a connection whose Register waits its turn
 # handling time a connection's failed messages (undecodable, refused) may cost, per second:
 # past it the connection's messages are refused as they are read until it has earned more.
 # An honest peer's messages never fail; a stranger's made to fail late (an Init of 65,536
 # extents whose last overlaps) cost ms each.
-FAILED_SECONDS_PER_SECOND = 0.05
-FAILED_SECONDS_BURST = 0.1
-REFUSED_PER_SECOND = 10_000.0
-REFUSED_BURST = 1_000.0
+FAILED_SECONDS_PER_SECOND = 0.02
+FAILED_SECONDS_BURST = 0.05
+REFUSED_PER_SECOND = 20_000.0
+REFUSED_BURST = 2_000.0
 
 
 class RowWriter(Protocol):
@@ -121,6 +129,9 @@ class EncodeServer(_Runtime):
         # a small kernel buffer per connection: what a flooding peer has already sent when it
         # stops is read (and refused) in a moment, not for seconds after (TCP pushes back on it)
         self.socket.setsockopt(zmq.RCVBUF, CONTROL_RCVBUF)
+        # and few messages queued per connection inside ZeroMQ (past it ZeroMQ stops reading
+        # that connection: back-pressure, nothing lost)
+        self.socket.setsockopt(zmq.RCVHWM, CONTROL_RCVHWM)
         self.authenticator = None
         if self.auth is not None:
             assert self.auth.encode_secret is not None
@@ -260,9 +271,12 @@ class EncodeServer(_Runtime):
 
     def _serve_one(self, connection: bytes, frames: list[Any]) -> None:
         reached: list[bool] = []
+        stats = self.endpoint.stats
+        dropped = sum(stats.get(name, 0) for name in CHARGED_BY_CORE)
         started = time.perf_counter()
         self._guarded(lambda: reached.append(self._on_frames(frames)))
-        if not reached or not reached[0]:  # undecodable (counted by _guarded), or refused
+        if not reached or not reached[0] or sum(stats.get(name, 0) for name in CHARGED_BY_CORE) != dropped:
+            # undecodable (counted by _guarded), refused, or dropped by the core
             self._charge_failure(connection, time.perf_counter() - started)
 
     def _charge_failure(self, connection: bytes, seconds: float) -> None:

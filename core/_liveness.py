@@ -42,12 +42,17 @@ class Liveness:
         # incarnations of peers evicted (registered, never spoke, went silent): tombstones and
         # late messages still compare against them, at a few bytes each (bounded)
         self.evicted: OrderedDict[int, int | None] = OrderedDict()
+        # next_deadline, cached: hearing from a peer only moves its deadline later, so the
+        # cached value stays a safe (early) bound until a peer is added, revived or served
+        self._cached_deadline: float | None = None
+        self._cache_stale = False
 
     def register(self, key: int, incarnation: int | None, now: float) -> int | None:
         """``key`` (re)registered; returns the incarnation it replaces, if it differs."""
         peer = self.peers.get(key)
         previous = peer.incarnation if peer is not None else self.evicted.pop(key, None)
         self.peers[key] = _Peer(incarnation, now, now + self.interval, since=now)
+        self._cache_stale = True
         if previous is not None and incarnation is not None and previous != incarnation:
             return previous
         return None
@@ -78,6 +83,7 @@ class Liveness:
     def evict(self, key: int) -> None:
         """Forget ``key`` but its incarnation."""
         peer = self.peers.pop(key, None)
+        self._cache_stale = True
         if peer is not None:
             self.evicted[key] = peer.incarnation
             if len(self.evicted) > EVICTED_MEMORY:
@@ -85,6 +91,7 @@ class Liveness:
 
     def forget(self, key: int) -> None:
         self.peers.pop(key, None)
+        self._cache_stale = True
 
     def heard(self, key: int, now: float) -> bool:
         """A message from ``key`` arrived; True when it had been declared dead before."""
@@ -101,6 +108,7 @@ class Liveness:
         if revived:
             peer.alive = True
             peer.next_heartbeat = now
+            self._cache_stale = True
         return revived
 
     def spoke(self, key: int) -> bool:
@@ -114,6 +122,7 @@ class Liveness:
     def heartbeats_due(self, now: float) -> list[tuple[int, int]]:
         """(key, sequence) of every live peer owed a heartbeat now; schedules the next."""
         due = []
+        self._cache_stale = True
         for key, peer in self.peers.items():
             if peer.alive and peer.next_heartbeat <= now:
                 peer.sequence += 1
@@ -124,6 +133,7 @@ class Liveness:
     def newly_silent(self, now: float) -> list[tuple[int, float]]:
         """(key, seconds silent) of every live peer silent past the limit; marks them dead."""
         silent = []
+        self._cache_stale = True
         for key, peer in self.peers.items():
             if peer.alive and now - peer.heard > self.limit:
                 peer.alive = False
@@ -131,9 +141,17 @@ class Liveness:
         return silent
 
     def next_deadline(self) -> float | None:
-        """The next heartbeat to send or silence limit to check, over live peers."""
-        deadlines = [
-            min(peer.next_heartbeat, peer.heard + self.limit + self.interval * 1e-3)
-            for peer in self.peers.values() if peer.alive
-        ]
-        return min(deadlines) if deadlines else None
+        """The next heartbeat to send or silence limit to check, over live peers (or earlier)."""
+        if self._cache_stale:
+            self._cache_stale = False
+            deadlines = [
+                min(peer.next_heartbeat, peer.heard + self.limit + self.interval * 1e-3)
+                for peer in self.peers.values() if peer.alive
+            ]
+            self._cached_deadline = min(deadlines) if deadlines else None
+        return self._cached_deadline
+
+    def due(self, now: float) -> bool:
+        """Whether a heartbeat or a silence check may be due (cheap: the cached deadline)."""
+        deadline = self.next_deadline()
+        return deadline is not None and now >= deadline

@@ -333,9 +333,12 @@ class Sender(ReceiverRanks, Endpoint):
             # an abort that overtook the room's init: remember the room so a late init can
             # never start writing blocks the receiver frees on our ack (an existing tombstone
             # stays as it is: another rank's abort must not rewrite whose it is)
+            self.stats["early_aborts_received"] += 1
             self._retire(message.room, ((message.rank, self._liveness.incarnation(message.rank)),))
             self._remember_early_abort(message.room, f"aborted by receiver rank {message.rank}: {message.reason}")
-        elif record is not None and record.state not in TERMINAL_STATES:
+        elif record is None or record.state in TERMINAL_STATES:
+            self.stats["late_dropped"] += 1  # the room ended already: only the ack is owed
+        else:
             self._fail(record, ABORT, f"aborted by receiver rank {message.rank}: {message.reason}", now, actions, quiet_rank=message.rank)
         if dest is not None and dest.writing:
             dest.owes_ack = True  # ack once the write in flight has landed

@@ -296,6 +296,8 @@ class ReceiverRanks:
 
     def _tick_peers(self, now: float, actions: list[Action]) -> None:
         """Heartbeats due, and ranks silent past the limit (their rooms fail)."""
+        if not self._liveness.due(now):
+            return  # (every wake-up ticks: do not walk every rank each time)
         for rank, sequence in self._liveness.heartbeats_due(now):
             actions.append(SendMessage(Heartbeat(rank, self.incarnation, sequence), rank))
         for rank, silent in self._liveness.newly_silent(now):

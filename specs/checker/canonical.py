@@ -18,8 +18,9 @@ from .clone import OBSERVATIONS, _is_frozen, _slot_names
 # -- canonical form (state identity) ----------------------------------------------------
 # Besides OBSERVATIONS, identity leaves out a room's ``deadline`` field: it repeats the
 # room's entry in its endpoint's ``Deadlines`` (which is part of the state) and goes stale
-# once the room ends.
-IDENTITY_IGNORES = OBSERVATIONS | {"deadline"}
+# once the room ends; and Liveness's cached next deadline (derived from its peers, refreshed
+# by a query).
+IDENTITY_IGNORES = OBSERVATIONS | {"deadline", "_cached_deadline", "_cache_stale"}
 # The liveness clock readings: inert while every heartbeat and silence limit lies at or past
 # the time horizon (``Config.liveness_inert``), and then left out of identity too.
 # When rooms ended and the tombstones' age marks and counts are clocks of the same kind:

@@ -66,6 +66,10 @@ class LanguageClient(_Runtime):
         self.socket = self.context.socket(zmq.DEALER)
         # a fixed routing id: after a reconnect the encode side still knows which rank speaks
         self.socket.setsockopt(zmq.ROUTING_ID, f"embxfer-rank{rank}-{self.endpoint.incarnation:x}".encode())
+        # what this rank sends is bounded by its rooms in flight (each holds blocks of its
+        # pool): a busy encode side pushes back (it queues few messages per connection), and
+        # none of ours is dropped meanwhile
+        self.socket.setsockopt(zmq.SNDHWM, 0)
         if auth is not None:
             assert auth.language_secret is not None and auth.language_public is not None
             connect_securely(self.socket, auth.encode_public, auth.language_public, auth.language_secret)

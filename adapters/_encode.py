@@ -20,7 +20,9 @@ from embxfer.core import (
 from embxfer.specs.schemas import MAX_EXTENTS, MAX_STR_BYTES
 from embxfer.transports.auth import CURVE_OVERHEAD, AuthKeys, peer_key, serve_securely
 from embxfer.transports.buffers import EmbeddingData, SourceRows
-from embxfer.transports.mooncake import MooncakeEngine, MooncakeWriter
+from embxfer.transports.batch_writer import BatchWriter
+from embxfer.transports.mooncake import MooncakeEngine
+from embxfer.transports.shm import ShmEngine
 from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter
 
 from ._failure_log import RateLimitedLog
@@ -60,12 +62,15 @@ REGISTERING = -2  # a connection whose Register waits its turn
 # extents whose last overlaps) cost ms each.
 FAILED_SECONDS_PER_SECOND = 0.02
 FAILED_SECONDS_BURST = 0.05
+PRUNE_AFTER_DISCONNECT = 5.0  # seconds the data plane keeps looking for what a gone receiver left
+PRUNE_EVERY = 0.1
 REFUSED_PER_SECOND = 20_000.0
 REFUSED_BURST = 2_000.0
 
 
 class RowWriter(Protocol):
-    """What the encode side needs of a data plane (``MooncakeWriter``, ``ZmqWriter``)."""
+    """What the encode side needs of a data plane (``BatchWriter`` over Mooncake or shared
+    memory, ``ZmqWriter``)."""
 
     def stage(self, room: int, source: SourceRows) -> None: ...
     def submit(self, write: WriteRows, session: str, layout: PoolLayout,
@@ -73,6 +78,7 @@ class RowWriter(Protocol):
     def release(self, room: int) -> None: ...
     def cancel(self, room: int) -> None: ...
     def stats(self) -> dict[str, int]: ...
+    def prune(self) -> None: ...
     def close(self, grace: float | None = ...) -> int: ...
 
 
@@ -112,10 +118,16 @@ class EncodeServer(_Runtime):
                                     heartbeat_timeout=settings.heartbeat_interval * settings.heartbeat_misses,
                                     auth=self.auth)
             self.session_id = SENDER_SESSION
+        elif settings.data_plane == "shm":
+            if engine is not None:
+                raise LocalProtocolError("a Mooncake engine was given for the shm data plane", field="engine")
+            shm = ShmEngine()
+            self.writer = BatchWriter(shm, settings.block_size)
+            self.session_id = f"shm:{shm.identity}"
         else:
             self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
                                                    retry_for=settings.bootstrap_timeout, cancelled=cancelled)
-            self.writer = MooncakeWriter(self.engine, settings.block_size)
+            self.writer = BatchWriter(self.engine, settings.block_size)
             self.session_id = self.engine.session_id
         self.endpoint = Sender(settings, incarnation=new_incarnation(), session_id=self.session_id)
         self.data_for_room = data_for_room
@@ -158,6 +170,7 @@ class EncodeServer(_Runtime):
         self._rank_of: dict[bytes, int] = {}  # connection -> the rank it holds
         self._failure_budget: dict[bytes, tuple[float, float]] = {}  # connection -> (seconds left, when)
         self._refusals_left, self._refusals_when = REFUSED_BURST, time.monotonic()
+        self._prune_until = self._pruned_at = 0.0
         self._thread.start()
 
     def send(self, room: int, data: EmbeddingData) -> None:
@@ -384,6 +397,8 @@ class EncodeServer(_Runtime):
             held = self._rank_of.get(identity, REGISTERING)
             self._rank_of[identity] = message.rank if held in (REGISTERING, message.rank) else SEVERAL_RANKS
             self._rank_by_fd[fd] = message.rank
+            if self._sessions.get(message.rank, message.session_id) != message.session_id:
+                self.writer.prune()  # a restarted receiver: the data plane lets go of the old one's pool
             self._sessions[message.rank] = message.session_id
             if key is not None and isinstance(self.writer, ZmqWriter):
                 # the rank's data socket proves the same key its control connection did
@@ -415,11 +430,22 @@ class EncodeServer(_Runtime):
         now take the rank without waiting out the heartbeat limit: a killed process is
         replaced at once by its restart."""
         rank = self._rank_by_fd.pop(fd, None)
+        # a receiver that is gone: the data plane lets go of what it held for it, now and for a
+        # few seconds (its connection may close a moment before the rest of it)
+        self._prune_until = time.monotonic() + PRUNE_AFTER_DISCONNECT
+        self.writer.prune()
         registration = self.endpoint.peers.get(rank) if rank is not None else None
         if rank is not None and registration is not None:
             self.endpoint.peer_disconnected(rank, registration.incarnation, time.monotonic())
 
     def _after_wake(self) -> None:
+        if self._prune_until:
+            now = time.monotonic()
+            if now >= self._prune_until:
+                self._prune_until = 0.0
+            elif now >= self._pruned_at + PRUNE_EVERY:
+                self._pruned_at = now
+                self.writer.prune()
         while True:
             try:
                 write, error = self._completions.get_nowait()

@@ -11,10 +11,11 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from embxfer.core import Action, Register, SendMessage, Receiver, Settings, decode, encode
+from embxfer.core import Action, LocalProtocolError, Register, SendMessage, Receiver, Settings, decode, encode
 from embxfer.transports.auth import AuthKeys, connect_securely
 from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeEngine, pool_addresses, register_pool
+from embxfer.transports.shm import SharedPoolBuffers
 from embxfer.transports.zmq_plane import ZmqPoolReceiver, pool_extent
 
 from ._rows import RowSink
@@ -43,8 +44,11 @@ class LanguageClient(_Runtime):
                                  incarnation=new_incarnation(), allocator=allocator)
         self.rank = rank
         shared_pool = rows is not None
-        self.rows = rows if rows is not None else RowSink(settings)
+        if rows is None:
+            rows = RowSink(settings, SharedPoolBuffers(settings) if settings.data_plane == "shm" else None)
+        self.rows = rows
         self.buffers = self.rows.buffers
+        self._owns_pool = not shared_pool
         self.engine: MooncakeEngine | None = None
         self.data_receiver: ZmqPoolReceiver | None = None
         if settings.data_plane == "zmq":
@@ -53,6 +57,11 @@ class LanguageClient(_Runtime):
                 accept=lambda write: self.endpoint.write_problem(write) or "", auth=auth,
             )
             session_id, addresses = self.data_receiver.session_id, pool_extent(self.buffers)
+        elif settings.data_plane == "shm":
+            if not isinstance(self.buffers, SharedPoolBuffers):
+                raise LocalProtocolError("the shm data plane needs its pool in shared memory: "
+                                         "RowSink(settings, SharedPoolBuffers(settings))", field="rows")
+            session_id, addresses = str(self.buffers.session), pool_addresses(self.buffers)
         else:
             # a quick restart within a pinned port range waits for its ports, up to the bootstrap timeout
             self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
@@ -174,6 +183,8 @@ class LanguageClient(_Runtime):
         if self.data_receiver is not None:
             # after the endpoint: every room is terminal by now, so nothing more may land
             self.data_receiver.close()
+        if self._owns_pool and isinstance(self.buffers, SharedPoolBuffers):
+            self.buffers.close()  # no sender opens it any more; the memory goes with the last mapping
         return aborted
 
     def _on_monitor(self) -> None:

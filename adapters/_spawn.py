@@ -18,6 +18,9 @@ from embxfer.transports.mooncake import MooncakeEngine, MooncakeUnavailable
 from .settings_flags import settings_args
 
 
+DATA_PLANE_NAMES = {"mooncake": "Mooncake TCP", "zmq": "zero-copy ZeroMQ (CURVE)", "shm": "shared-memory"}
+
+
 def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receivers: int, seed: int,
                          verbose: bool) -> dict[str, Any] | None:
     """Returns the summary, or None (after saying why in one line) when Mooncake is missing."""
@@ -77,7 +80,7 @@ def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receive
             rounds[int(key)] += count
     seconds = max(r["seconds"] for r in results)
     return {
-        "transport": f"ZeroMQ control (CURVE) + {'Mooncake TCP' if settings.data_plane == 'mooncake' else 'zero-copy ZeroMQ (CURVE)'}"
+        "transport": f"ZeroMQ control (CURVE) + {DATA_PLANE_NAMES[settings.data_plane]}"
                      f" data ({1 + receivers} processes)",
         "rooms": rooms,
         "receivers": receivers,

@@ -1,6 +1,7 @@
 """One conformance suite that every transport must pass: loopback (in-memory, scheduled),
-ZeroMQ control + Mooncake over TCP, and ZeroMQ control + zero-copy zmq data frames, both on
-127.0.0.1 (real sockets, real threads; the zmq data plane needs no Mooncake).
+ZeroMQ control + Mooncake over TCP, ZeroMQ control + zero-copy zmq data frames, both on
+127.0.0.1 (real sockets, real threads; the zmq data plane needs no Mooncake), and ZeroMQ
+control + shared memory (the receiver's pool in a memfd the sender maps).
 
 Each case checks exact rows on every receiver rank and every block back in every pool."""
 
@@ -63,7 +64,7 @@ class Harness:
             self.link.close()
 
 
-TRANSPORTS = ["loopback", "mooncake", "zmq"]
+TRANSPORTS = ["loopback", "mooncake", "zmq", "shm"]
 SETTINGS = Settings(block_size=16, default_blocks=4, pool_blocks=12, hidden_size=32, dtype="bfloat16")
 
 

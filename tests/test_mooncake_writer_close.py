@@ -1,4 +1,4 @@
-"""MooncakeWriter at shutdown: every write not inside the engine ends at once as cancelled (its
+"""BatchWriter (the Mooncake plane's writer) at shutdown: every write not inside the engine ends at once as cancelled (its
 ``on_done`` runs, so the sender settles the room and sends the aborts it owes); writes stuck
 inside the engine get the grace, then are abandoned and counted, never waited on forever.
 A fake engine stands in for Mooncake: its writes block until the test lets them go."""
@@ -10,7 +10,7 @@ import threading
 from embxfer.adapters.workload import room_data
 from embxfer.core import PoolLayout, Settings, WriteRows
 from embxfer.transports.buffers import SourceRows
-from embxfer.transports.mooncake import PEER_WRITES, MooncakeWriter
+from embxfer.transports.batch_writer import PEER_WRITES, BatchWriter
 
 S = Settings(block_size=4, default_blocks=2, pool_blocks=64, hidden_size=8, dtype="float32")
 LAYOUT = PoolLayout(0, 256, 1 << 20, 2 << 20, 3 << 20, 4 << 20)
@@ -18,6 +18,9 @@ LAYOUT = PoolLayout(0, 256, 1 << 20, 2 << 20, 3 << 20, 4 << 20)
 
 class StuckEngine:
     """Writes block until ``release`` is set (a stopped peer)."""
+
+    name = "stuck engine"
+    needs_registration = True
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -34,10 +37,13 @@ class StuckEngine:
         self.release.wait(30)
         return 0
 
+    def prune(self, closing: bool = False) -> None:
+        pass
+
 
 def test_close_cancels_what_has_not_started_and_abandons_only_the_stuck_writes() -> None:
     engine = StuckEngine()
-    writer = MooncakeWriter(engine, S.block_size, workers=6)  # type: ignore[arg-type]
+    writer = BatchWriter(engine, S.block_size, workers=6)  # type: ignore[arg-type]
     done: list[tuple[int, str | None]] = []
     lock = threading.Lock()
 

@@ -7,6 +7,7 @@ Heartbeats are fast here (0.2 s x 5), so a dead peer is found within about a sec
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -37,10 +38,13 @@ DEATH_LIMIT = SETTINGS.heartbeat_interval * SETTINGS.heartbeat_misses
 SLACK = 2.0  # scheduling on a busy 2-core machine; the bound asserted is limit + slack
 
 
-def start_encode_process(port: int = 0) -> tuple[subprocess.Popen, str]:
+PLANES = ["mooncake", "shm"]  # the zmq plane's faults: test_zmq_plane.py
+
+
+def start_encode_process(port: int = 0, plane: str = "mooncake") -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [*CLI, "serve-encode", "--bootstrap-port", str(port), "--synthetic-seed", str(SEED), "--json", "--no-progress",
-         *CLI_SETTINGS],
+         *CLI_SETTINGS, "--data-plane", plane],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **FAULT_ENV},
     )
     line = process.stdout.readline()
@@ -72,13 +76,28 @@ def processes():  # type: ignore[no-untyped-def]
             process.wait(timeout=30)
 
 
-def test_kill_9_encode_mid_resume_then_a_restarted_encode_at_the_same_address(processes) -> None:  # type: ignore[no-untyped-def]
+def pool_maps(pid: int | str = "self") -> list[str]:
+    """The shared-memory pools (memfds) mapped in a process."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return [line for line in maps if "memfd:embxfer-pool" in line]
+
+
+def shm_files() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_kill_9_encode_mid_resume_then_a_restarted_encode_at_the_same_address(processes, plane: str) -> None:  # type: ignore[no-untyped-def]
     """sglang #10110 / aibrix #2289 / sglang #16903: the language side must not hang when
-    the encode side dies, and must tell a restarted encode process from the old one."""
-    encode, addr = start_encode_process()
+    the encode side dies, and must tell a restarted encode process from the old one.  On
+    shared memory the dead writer's copies died with it; its rooms' slots still wait out
+    the quarantine rule like every plane's (the core's rule, not the plane's)."""
+    files_before = shm_files()
+    encode, addr = start_encode_process(plane=plane)
     processes.append(encode)
     port = int(addr.rsplit(":", 1)[1])
-    client = LanguageClient(SETTINGS, addr)
+    settings = attrs.evolve(SETTINGS, data_plane=plane)
+    client = LanguageClient(settings, addr)
     try:
         rooms = list(range(40))  # a 12-block pool: most rooms wait, many need resumes
         for room in rooms:
@@ -100,7 +119,7 @@ def test_kill_9_encode_mid_resume_then_a_restarted_encode_at_the_same_address(pr
         # the dead sender might still have written: its rooms' blocks wait in quarantine
         assert stats["quarantined_blocks"] > 0
 
-        restarted, _ = start_encode_process(port)
+        restarted, _ = start_encode_process(port, plane)
         processes.append(restarted)
         # the client registers again; the new incarnation proves the old one gone
         wait_until(client, lambda: client.stats().get("peers_restarted", 0) == 1, 30, "re-registration")
@@ -118,16 +137,27 @@ def test_kill_9_encode_mid_resume_then_a_restarted_encode_at_the_same_address(pr
             assert client.wait(room, 60) == Poll.Success, client.failure(room)
             check_rows(client, room)
         wait_until(client, lambda: client.free_blocks() == SETTINGS.pool_blocks, 30, "every block free")
+        if plane == "shm":
+            assert len(pool_maps(restarted.pid)) == 1  # the restarted sender mapped our pool once
     finally:
         client.close()
+    if plane == "shm":
+        del client  # the pool's memory goes with the last reference to its tensors
+        gc.collect()
+        assert not pool_maps(), "the language side's pool is still mapped once the client is gone"
+        assert shm_files() == files_before, "a file was left in /dev/shm"
 
 
-def test_kill_9_language_mid_transfer_then_a_new_language_process_reusing_room_ids(processes) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("plane", PLANES)
+def test_kill_9_language_mid_transfer_then_a_new_language_process_reusing_room_ids(processes, plane: str) -> None:  # type: ignore[no-untyped-def]
     """The encode side fails the dead rank's rooms within the heartbeat bound, lets every
-    source go, and serves a restarted language process whose room ids start over."""
-    server = EncodeServer(SETTINGS, data_for_room=lambda room: room_data(SEED, room, SETTINGS))
+    source go, and serves a restarted language process whose room ids start over.  On shared
+    memory it unmaps the dead process's pool (the memory goes with it; no file is left)."""
+    files_before = shm_files()
+    settings = attrs.evolve(SETTINGS, data_plane=plane)
+    server = EncodeServer(settings, data_for_room=lambda room: room_data(SEED, room, SETTINGS))
     try:
-        doomed = language(server.bootstrap_addr, 100000, "--in-flight", "8", "--no-progress",
+        doomed = language(server.bootstrap_addr, 100000, "--in-flight", "8", "--no-progress", "--data-plane", plane,
                           env={**os.environ, **FAULT_ENV})
         processes.append(doomed)
         wait_until(server, lambda: server.stats().get("rooms_succeeded", 0) > 0 and server.rooms_in_flight() > 0, 60,
@@ -140,8 +170,11 @@ def test_kill_9_language_mid_transfer_then_a_new_language_process_reusing_room_i
         assert detected <= DEATH_LIMIT + SLACK
         print(f"[faults] kill -9 language: {stats['failed:peer_lost']} rooms failed, all ended within {detected:.2f} s")
         wait_until(server, lambda: server.sources_held() == 0, 30, "every source released")
+        if plane == "shm":
+            assert not pool_maps(), "the dead receiver's pool is still mapped by the encode side"
         # a new language process, same rank, room ids from 0 again: a new incarnation
-        again = language(server.bootstrap_addr, 20, "--no-progress", env={**os.environ, **FAULT_ENV})
+        again = language(server.bootstrap_addr, 20, "--no-progress", "--data-plane", plane,
+                         env={**os.environ, **FAULT_ENV})
         processes.append(again)
         out, err = again.communicate(timeout=120)
         assert again.returncode == 0, err
@@ -149,8 +182,11 @@ def test_kill_9_language_mid_transfer_then_a_new_language_process_reusing_room_i
         assert summary["succeeded"] == 20 and summary["wrong_rows"] == 0 and summary["leaked_blocks"] == 0
         assert server.stats()["peers_restarted"] == 1
         assert server.sources_held() == 0
+        if plane == "shm":  # the finished process's pool went with it, once its connection closed
+            wait_until(server, lambda: not pool_maps(), 30, "the finished receiver's pool unmapped")
     finally:
         server.close()
+    assert shm_files() == files_before, "a file was left in /dev/shm"
 
 
 def test_dropped_control_socket_fails_rooms_on_both_sides_then_recovers() -> None:

@@ -112,7 +112,7 @@ def test_the_serve_commands_refuse_to_start_without_keys_or_insecure(tmp_path) -
 
 # -- honest peers with keys, peers without -----------------------------------------------------
 
-@pytest.mark.parametrize("plane", ["mooncake", "zmq"])
+@pytest.mark.parametrize("plane", ["mooncake", "zmq", "shm"])
 def test_both_sides_with_the_keys_verify_every_row(keys_file, plane: str) -> None:  # type: ignore[no-untyped-def]
     encode, addr = start_secure_encode("--auth-keys", str(keys_file), "--data-plane", plane)
     try:

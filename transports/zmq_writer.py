@@ -127,6 +127,9 @@ class ZmqWriter:
         with self._lock:
             self._trusted[address] = key
 
+    def prune(self) -> None:
+        """Nothing to let go of: a peer's socket is dropped when ZeroMQ says it is gone."""
+
     def cancel(self, room: int) -> None:
         """A failed room: nothing to do, a write here is queued frames that never block a
         thread (the ack timeout and the peer's death end it)."""

@@ -57,16 +57,10 @@ class Unavailable(Exception):
     """A transport that cannot run here; the message says why (shown as n/a)."""
 
 
-def _zmq_plane_problem(link: Any) -> str:
-    """Why the link is not really on the ZeroMQ data plane ('' when it is)."""
-    plane = getattr(link.sender, "data_plane", None)
-    if isinstance(plane, str):
-        return "" if plane == "zmq" else f"the encode server reports data plane {plane!r}"
-    from embxfer.transports.mooncake import MooncakeWriter
-
-    if isinstance(getattr(link.sender, "writer", None), MooncakeWriter):
-        return "connect_local ignores Settings(data_plane='zmq'): the encode server still writes through Mooncake"
-    return ""
+def _plane_problem(link: Any, data_plane: str) -> str:
+    """Why the link is not really on ``data_plane`` ('' when it is)."""
+    plane = getattr(link.sender.settings, "data_plane", None)
+    return "" if plane == data_plane else f"the encode server reports data plane {plane!r}"
 
 
 def embxfer_seconds(megabytes: int, resumes: int, repeat: int, data_plane: str) -> tuple[float, int]:
@@ -84,7 +78,7 @@ def embxfer_seconds(megabytes: int, resumes: int, repeat: int, data_plane: str) 
     times = []
     rounds_seen = -1
     with link:
-        problem = _zmq_plane_problem(link) if data_plane == "zmq" else ""
+        problem = _plane_problem(link, data_plane)
         if problem:
             raise Unavailable(problem)
         rx = link.receivers[0]
@@ -207,6 +201,7 @@ DATA_PLANE_COLUMNS = [
     Column("resumes", "resume_rounds", "param"),
     Column("embxfer mc", "embxfer_mooncake"),
     Column("embxfer zmq", "embxfer_zmq"),
+    Column("embxfer shm", "embxfer_shm"),
     Column("raw mc", "raw_mooncake"),
     Column("memcpy", "memcpy"),
     Column("pickle zmq", "pickle_zmq"),
@@ -214,17 +209,20 @@ DATA_PLANE_COLUMNS = [
     Column("zmq÷raw", "embxfer_zmq/raw_mooncake", "ratio"),
     Column("mc÷memcpy", "embxfer_mooncake/memcpy", "ratio"),
     Column("mc÷pickle", "embxfer_mooncake/pickle_zmq", "ratio"),
+    Column("shm÷mc", "embxfer_shm/embxfer_mooncake", "ratio"),
+    Column("shm÷memcpy", "embxfer_shm/memcpy", "ratio"),
 ]
 
 
 def data_plane_steps(sizes: list[int], resumes: list[int]) -> int:
-    return len(sizes) * (3 + 2 * len(resumes))
+    return len(sizes) * (3 + 3 * len(resumes))
 
 
 def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step) -> CaseResult:
     case = CaseResult(
         "data-plane", f"Data plane: one room over 127.0.0.1, MB/s (median of {repeat})",
-        {name: "MB/s" for name in ("embxfer_mooncake", "embxfer_zmq", "raw_mooncake", "memcpy", "pickle_zmq")},
+        {name: "MB/s" for name in ("embxfer_mooncake", "embxfer_zmq", "embxfer_shm", "raw_mooncake", "memcpy",
+                                   "pickle_zmq")},
         DATA_PLANE_COLUMNS,
     )
     raw = RawMooncake()
@@ -251,6 +249,12 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
             except Unavailable as why:
                 row.figure("embxfer_zmq", None, str(why))
             step(f"{megabytes} MB {resume} resumes embxfer zmq")
+            try:
+                shm_seconds, _ = embxfer_seconds(megabytes, resume, repeat, "shm")
+                row.figure("embxfer_shm", nbytes / shm_seconds / 1e6)
+            except Unavailable as why:
+                row.figure("embxfer_shm", None, str(why))
+            step(f"{megabytes} MB {resume} resumes embxfer shm")
             row.figure("raw_mooncake", raw_mb_s)
             row.figure("memcpy", memcpy_mb_s)
             row.figure("pickle_zmq", pickle_mb_s)
@@ -260,15 +264,24 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
             row.ratio("embxfer_mooncake/pickle_zmq", "embxfer_mooncake", "pickle_zmq")
             row.ratio("embxfer_zmq/pickle_zmq", "embxfer_zmq", "pickle_zmq")
             row.ratio("embxfer_zmq/embxfer_mooncake", "embxfer_zmq", "embxfer_mooncake")
+            row.ratio("embxfer_shm/embxfer_mooncake", "embxfer_shm", "embxfer_mooncake")
+            row.ratio("embxfer_shm/memcpy", "embxfer_shm", "memcpy")
+            if resume == 0 and megabytes >= 4:
+                row.target("embxfer_mooncake/raw_mooncake", ">=", 0.95, "embxfer ÷ raw Mooncake ≥ 0.95 from 4 MB, no resume")
+            if resume == 0 and megabytes == 1:
+                row.target("embxfer_mooncake/raw_mooncake", ">=", 0.6, "embxfer ÷ raw Mooncake ≥ 0.6 at 1 MB, no resume")
             if 16 <= megabytes <= 64 and resume == 1:
                 row.target("embxfer_mooncake/raw_mooncake", ">=", 0.9, "embxfer ÷ raw Mooncake ≥ 0.9 at 16–64 MB, one resume")
+            if 16 <= megabytes <= 64 and resume == 0:
+                row.target("embxfer_shm/embxfer_mooncake", ">=", 5.0, "shared-memory plane ≥ 5× Mooncake TCP at 16–64 MB")
+                row.target("embxfer_shm/memcpy", ">=", 0.5, "shared-memory plane ≥ 0.5× memcpy at 16–64 MB")
             if 4 <= megabytes <= 64:
                 row.target("embxfer_mooncake/pickle_zmq", ">=", 2.0, "embxfer over Mooncake ≥ 2× pickle over ZeroMQ")
             if 1 <= megabytes <= 16 and resume == 0:
                 row.target("embxfer_zmq/embxfer_mooncake", ">=", 1.5, "zero-copy ZeroMQ plane ≥ 1.5× Mooncake TCP")
             case.rows.append(row)
     case.verified = True  # every transport's first run was compared byte for byte (or raised)
-    case.notes.append("mc = ZeroMQ control + Mooncake TCP writes; raw mc = one transfer_sync_write of the same bytes; "
+    case.notes.append("mc = ZeroMQ control + Mooncake TCP writes; shm = ZeroMQ control + shared-memory copies; raw mc = one transfer_sync_write of the same bytes; "
                       "pickle zmq = send_pyobj over REQ to a REP thread, unpickled (upstream SGLang EPD); "
                       "memcpy = one thread, warm destination")
     return case

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter
 
 from ._failure_log import RateLimitedLog
 from ._fair_inbox import FairInbox
-from ._runtime import _Runtime, new_incarnation
+from ._runtime import _Runtime, new_incarnation, recv_frames
 
 log = logging.getLogger("embxfer")
 
@@ -171,6 +172,7 @@ class EncodeServer(_Runtime):
         self._failure_budget: dict[bytes, tuple[float, float]] = {}  # connection -> (seconds left, when)
         self._refusals_left, self._refusals_when = REFUSED_BURST, time.monotonic()
         self._prune_until = self._pruned_at = 0.0
+        self._done_inline: list[tuple[WriteRows, str | None]] = []
         self._thread.start()
 
     def send(self, room: int, data: EmbeddingData) -> None:
@@ -240,7 +242,7 @@ class EncodeServer(_Runtime):
             if inbox.full() or self._reading_paused_until() is not None:
                 break  # ZeroMQ keeps the rest, each connection within its own limit
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.socket)
             except zmq.Again:
                 break
             connection = frames[0].bytes
@@ -457,6 +459,9 @@ class EncodeServer(_Runtime):
     def _on_write_done(self, write: WriteRows, error: str | None) -> None:
         if self._stopping:
             return  # a write abandoned at close that ended after all: nobody is left to tell
+        if threading.get_ident() == self._thread.ident:
+            self._done_inline.append((write, error))  # ended within submit: _execute goes on with it
+            return
         self._completions.put((write, error))  # worker thread: hand over, never touch the core
         self._wake()
 
@@ -474,6 +479,10 @@ class EncodeServer(_Runtime):
                 return self.endpoint.write_done(action.room, action.rank, action.round, time.monotonic(),
                                                 f"rank {action.rank} sent no pool layout")  # type: ignore[no-any-return]
             self.writer.submit(action, session, layout, self._on_write_done)
+            if self._done_inline:  # written at once (a small shared-memory copy), or refused up front
+                write, error = self._done_inline.pop()
+                return self.endpoint.write_done(  # type: ignore[no-any-return]
+                    write.room, write.rank, write.round, time.monotonic(), error)
         elif isinstance(action, ReleaseSource):
             self._sources.pop(action.room, None)
             self.writer.release(action.room)

@@ -28,6 +28,19 @@ log = logging.getLogger("embxfer")
 log.addHandler(logging.NullHandler())  # a library: the application decides what is shown (the CLI does)
 
 
+def recv_frames(socket: zmq.Socket) -> list[zmq.Frame]:
+    """One multipart message, without blocking (``zmq.Again`` when there is none).
+    ``Socket.recv_multipart`` asks ``getsockopt(RCVMORE)`` after every frame, through
+    pyzmq's enum conversions: reading ``Frame.more`` instead halves the cost of a small
+    message (7 → 3 µs), which is most of what refusing a flood costs."""
+    frame = socket.recv(zmq.NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:  # (the rest of a multipart message arrives with its first part)
+        frame = socket.recv(zmq.NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
+
+
 def new_incarnation() -> int:
     """A random 63-bit id for this process's endpoint: a restarted peer is told apart by it."""
     return int.from_bytes(os.urandom(8), "big") >> 1
@@ -103,9 +116,11 @@ class _Runtime:
     def _receive_all(self) -> None:
         while True:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=self.copy_frames)
+                frames = recv_frames(self.socket)
             except zmq.Again:
                 return
+            if self.copy_frames:
+                frames = [frame.bytes for frame in frames]
             self._guarded(lambda: self._on_frames(frames))
 
     def _backlog(self) -> bool:

@@ -262,7 +262,8 @@ def serve_language(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.update(1)
             if args.report_every and (succeeded + failed) % args.report_every == 0:
-                print(json.dumps({"progress": succeeded + failed, "rss_mb": round(_rss_mb(), 1)}), flush=True)
+                print(json.dumps({"progress": succeeded + failed, "bytes": byte_count, "rss_mb": round(_rss_mb(), 1)}),
+                      flush=True)
     interrupted = stop.event.is_set()
     for key, count in client.stats().items():
         if key.startswith("resume_rounds:"):

@@ -21,6 +21,7 @@ class StuckEngine:
 
     name = "stuck engine"
     needs_registration = True
+    inline_bytes = 0
 
     def __init__(self) -> None:
         self.release = threading.Event()

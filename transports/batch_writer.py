@@ -4,11 +4,16 @@ a room's rows, write each round's extents as one batch on worker threads, report
 An engine (``MooncakeEngine``, ``ShmEngine``) offers ``write(target, local, remote, lengths)``
 returning 0 when every range was written (anything else, or raising, is a failed round);
 ``register``/``unregister`` of the memory it reads (``needs_registration``: Mooncake reads
-only registered memory; shared memory reads any) and ``name`` for its error messages.
+only registered memory; shared memory reads any), ``name`` for its error messages and
+``inline_bytes``: a round up to that size is written at once on the caller's thread, its
+``on_done`` called before ``submit`` returns (a small memcpy costs less than handing it to a
+worker; a Mooncake write may block for seconds, so it never runs inline).
 """
 
 from __future__ import annotations
 
+import ctypes
+import struct
 import threading
 import time
 from collections import deque
@@ -28,11 +33,13 @@ ARENA_BYTES = 32 << 20  # the registered staging arena for small rooms
 ARENA_BLOCK = 4096
 SMALL_ROOM_BYTES = 1 << 20  # rooms up to this size are copied into the arena, not registered
 PEER_WRITES = 3  # writes in flight to one peer
+_AUX_RECORD = struct.Struct(f"<{AUX_WORDS}q")  # one aux record, as the pool's int64 words
 
 
 class WriteEngine(Protocol):
     name: str
     needs_registration: bool
+    inline_bytes: int  # a write this small runs on the caller's thread (0: never; it may block)
 
     def register(self, tensor: torch.Tensor) -> None: ...
     def unregister(self, tensor: torch.Tensor) -> None: ...
@@ -172,6 +179,14 @@ class BatchWriter:
         except ValueError as error:
             on_done(write, str(error))
             return
+        if sum(batch[2]) <= self.engine.inline_bytes and not self._closing and write.room not in self._cancelled:
+            try:
+                rc = self.engine.write(target, *batch)
+                error = None if rc == 0 else f"{self.engine.name} returned {rc}"
+            except Exception as raised:
+                error = f"{self.engine.name} raised {type(raised).__name__}: {raised}"
+            on_done(write, error)
+            return
 
         def run(chain: bool = True) -> None:
             with self._target_lock:
@@ -249,7 +264,8 @@ class BatchWriter:
         if write.aux is not None and write.aux_block is not None:
             if not 0 <= write.aux_block * self.block_size < layout.pool_slots:
                 raise ValueError(f"aux block {write.aux_block} outside the peer's pool")
-            staged.aux.copy_(torch.tensor(write.aux.to_words(), dtype=torch.int64))
+            # (packed and copied in: a torch.tensor of 8 words costs more than the rest of a small round)
+            ctypes.memmove(staged.aux.data_ptr(), _AUX_RECORD.pack(*write.aux.to_words()), _AUX_RECORD.size)
             local.append(staged.aux.data_ptr())
             remote.append(layout.aux_addr + write.aux_block * AUX_WORDS * 8)
             lengths.append(AUX_WORDS * 8)

@@ -18,7 +18,7 @@ from embxfer.transports.mooncake import MooncakeEngine, pool_addresses, register
 from embxfer.transports.shm import SharedPoolBuffers
 from embxfer.transports.zmq_plane import ZmqPoolReceiver, pool_extent
 
-from ._rows import RowSink
+from ._rows import RowSink, RowsLease
 from ._runtime import _Runtime, new_incarnation
 
 
@@ -125,10 +125,12 @@ class LanguageClient(_Runtime):
     def allocator(self) -> Any:
         return self.endpoint.allocator
 
-    def init(self, room: int, allocation: Any = None) -> None:
-        """Start ``room``; with ``allocation`` (from ``allocator``) it is scheduler-driven."""
+    def init(self, room: int, allocation: Any = None, *, lease: bool = False) -> None:
+        """Start ``room``; with ``allocation`` (from ``allocator``) it is scheduler-driven.
+        ``lease``: if it arrives whole in round 0, in one extent, its rows stay in the pool
+        for ``lease(room)`` (no copy; ``take`` still works, copying them out once)."""
         with self.lock:
-            self._hand_over(self.endpoint.init(room, time.monotonic(), allocation))
+            self._hand_over(self.endpoint.init(room, time.monotonic(), allocation, lease=lease))
 
     def resume(self, room: int, allocation: Any, sent_tokens: int) -> None:
         """The next round of a scheduler-driven room, into the application's ``allocation``."""
@@ -149,15 +151,28 @@ class LanguageClient(_Runtime):
             self._hand_over(self.endpoint.cancel(room, time.monotonic(), reason))
 
     def take(self, room: int) -> EmbeddingData:
+        """A finished room's rows in memory of their own; the room is forgotten."""
         with self.lock:
-            return self.rows.take(self.endpoint, room)
+            rows, actions = self.rows.take(self.endpoint, room, time.monotonic())
+            if actions:
+                self._hand_over(actions)
+            return rows
+
+    def lease(self, room: int) -> RowsLease:
+        """A finished room's rows where they lie (see ``RowsLease``); the room is forgotten
+        when the lease ends."""
+        with self.lock:
+            rows = self.rows.lease(self.endpoint, room)
+        return RowsLease(rows, lambda: self.forget(room))
 
     def forget(self, room: int) -> None:
         """Forget a finished room once its outcome is read (``take`` forgets a Success
-        itself); unread rooms are forgotten ``retention_timeout`` after they end."""
+        itself); held rows go back to the pool.  Unread rooms are forgotten
+        ``retention_timeout`` after they end."""
         with self.lock:
-            self.endpoint.forget(room)
-            self.rows.results.pop(room, None)
+            actions = self.rows.end_lease(self.endpoint, room, time.monotonic())
+            if actions:
+                self._hand_over(actions)
 
     clear = forget
 

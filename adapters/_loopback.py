@@ -18,7 +18,7 @@ from embxfer.core import (
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.loopback import LoopbackNetwork, Packet
 
-from ._rows import RowSink
+from ._rows import RowSink, RowsLease
 
 SENDER = "sender"
 
@@ -206,9 +206,10 @@ class ReceiverHandle(_Handle):
         self.network.deliver(len(self.network.pending) - 1)
         self.network.deliver(len(self.network.pending) - 1)  # the sender's Registered
 
-    def init(self, room: int, allocation: Any = None) -> None:
-        """Start ``room``; with ``allocation`` (from ``allocator``) it is scheduler-driven."""
-        self._run(self.endpoint.init(room, self.network.now, allocation))
+    def init(self, room: int, allocation: Any = None, *, lease: bool = False) -> None:
+        """Start ``room``; with ``allocation`` (from ``allocator``) it is scheduler-driven;
+        ``lease``: see ``LanguageClient.init``."""
+        self._run(self.endpoint.init(room, self.network.now, allocation, lease=lease))
 
     def release(self, allocation: Any) -> bool:
         """The application frees blocks of a scheduler-driven room (deferred while a sender
@@ -227,7 +228,20 @@ class ReceiverHandle(_Handle):
 
     def take(self, room: int) -> EmbeddingData:
         """The room's rows, exactly as sent; the room is forgotten afterwards."""
-        return self.rows.take(self.endpoint, room)
+        rows, actions = self.rows.take(self.endpoint, room, self.network.now)
+        self._run(actions)
+        return rows
+
+    def lease(self, room: int) -> RowsLease:
+        """The room's rows where they lie (see ``RowsLease``); forgotten when it ends."""
+        rows = self.rows.lease(self.endpoint, room)
+        return RowsLease(rows, lambda: self.clear(room))
+
+    def clear(self, room: int) -> None:
+        """Forget a finished room once its outcome is read (``take`` forgets a Success
+        itself); held rows go back to the pool.  Unread rooms are forgotten
+        ``retention_timeout`` after they end."""
+        self._run(self.rows.end_lease(self.endpoint, room, self.network.now))
 
     def _on_packet(self, packet: Packet) -> None:
         message = self._decode(packet)

@@ -6,13 +6,38 @@ may land is the core's rule (``Receiver.write_problem``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from embxfer.core import (
-    Action, AuxHeader, CollectRows, LocalProtocolError, Poll, ProtocolError, RoomExpired, RoomFinished, RowsLanded,
-    Settings, Status,
+    Action, AuxHeader, CollectRows, LocalProtocolError, Poll, ProtocolError, RoomExpired, RoomFinished, RowsHeld,
+    RowsLanded, RowsReleased, Settings, Status,
 )
 from embxfer.transports.buffers import Assembly, EmbeddingData, PoolBuffers
+
+
+class RowsLease:
+    """A finished room's rows lent where they lie: ``with client.lease(room) as rows:`` — for
+    a room that arrived whole in round 0 (``init(room, lease=True)``) they are views of the
+    pool, read without a copy, and the blocks go back when the block ends (``release``);
+    for any other room they are its result.  Read them, or copy what must outlive the
+    lease (``rows.copy()``), before it ends: the blocks are another room's after."""
+
+    def __init__(self, rows: EmbeddingData, release: Callable[[], None]) -> None:
+        self.rows = rows
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        """The rows are read: the room is forgotten and its blocks go back (once)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> EmbeddingData:
+        return self.rows
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 class RowSink:
@@ -23,6 +48,9 @@ class RowSink:
         self.results: dict[int, EmbeddingData] = {}
         # scheduler-driven rooms: the last round landed in each application allocation (by id)
         self.landed: dict[int, RowsLanded] = {}
+        # leased rooms whose rows stay in the pool (``RowsHeld``): views of them, and the
+        # block whose aux record is cleared when they go
+        self.held: dict[int, tuple[EmbeddingData, int]] = {}
 
     def aux_for(self, endpoint: Any, message: Any) -> tuple[AuxHeader | None, str]:
         """Round 0's aux header, read from the room's aux record (or why it could not be)."""
@@ -48,9 +76,17 @@ class RowSink:
         if isinstance(action, RowsLanded):
             self.landed[action.allocation.id] = action  # the application reads the rows where they lie
             return True
+        if isinstance(action, RowsHeld):
+            self.held[action.room] = (self.buffers.rows_view(action.runs[0][0], action.num_tokens, action.aux),
+                                      action.allocation.extents[0][0])
+            return True
+        if isinstance(action, RowsReleased):
+            self._drop_held(action.room)
+            return True
         if isinstance(action, RoomExpired):  # nobody read it within retention_timeout
             self.assemblies.pop(action.room, None)
             self.results.pop(action.room, None)
+            self._drop_held(action.room)  # (the core freed its blocks)
             return True
         if isinstance(action, RoomFinished):
             assembly = self.assemblies.pop(action.room, None)
@@ -59,11 +95,49 @@ class RowSink:
             return True
         return False
 
-    def take(self, endpoint: Any, room: int) -> EmbeddingData:
-        """The room's rows, exactly as sent; the endpoint forgets the room."""
+    def _drop_held(self, room: int) -> None:
+        held = self.held.pop(room, None)
+        if held is not None:
+            self.buffers.clear_aux(held[1])
+
+    def take(self, endpoint: Any, room: int, now: float = 0.0) -> tuple[EmbeddingData, list[Action]]:
+        """The room's rows, exactly as sent, in memory of their own (held rows are copied out
+        and released: the actions that follows, for the driver); the endpoint forgets the room."""
+        self._check_success(endpoint, room)
+        actions: list[Action] = []
+        held = self.held.get(room)
+        if held is not None:
+            result = held[0].copy()
+            actions = endpoint.release_rows(room, now)
+            self.execute_all(actions[:1])  # RowsReleased: before anything else may reuse the blocks
+            actions = actions[1:]
+        else:
+            result = self.results.pop(room)
+        endpoint.forget(room)
+        return result, actions
+
+    def lease(self, endpoint: Any, room: int) -> EmbeddingData:
+        """The room's rows where they are: views of the pool for a room it holds, or its
+        result; the room stays until ``end_lease``."""
+        self._check_success(endpoint, room)
+        held = self.held.get(room)
+        return held[0] if held is not None else self.results[room]
+
+    def end_lease(self, endpoint: Any, room: int, now: float) -> list[Action]:
+        """A lease is over: held rows go back to the pool; the endpoint forgets the room.
+        Returns the actions that follow (rooms waiting for the blocks), for the driver."""
+        actions = endpoint.release_rows(room, now)
+        self.execute_all(actions[:1])
+        self.results.pop(room, None)
+        endpoint.forget(room)
+        return actions[1:]
+
+    def execute_all(self, actions: list[Action]) -> None:
+        for action in actions:
+            self.execute(action)
+
+    @staticmethod
+    def _check_success(endpoint: Any, room: int) -> None:
         state = endpoint.poll(room)
         if state != Poll.Success:
             raise LocalProtocolError(f"room {room} is {state.name}: {endpoint.failure(room)}", field="room")
-        result = self.results.pop(room)
-        endpoint.forget(room)
-        return result

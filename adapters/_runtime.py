@@ -116,11 +116,10 @@ class _Runtime:
     def _receive_all(self) -> None:
         while True:
             try:
-                frames = recv_frames(self.socket)
+                received: list[Any] = recv_frames(self.socket)
             except zmq.Again:
                 return
-            if self.copy_frames:
-                frames = [frame.bytes for frame in frames]
+            frames = [frame.bytes for frame in received] if self.copy_frames else received
             self._guarded(lambda: self._on_frames(frames))
 
     def _backlog(self) -> bool:

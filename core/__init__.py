@@ -8,7 +8,8 @@ every message it sends).
 """
 
 from ._actions import (
-    Action, CollectRows, Poll, ReleaseSource, RoomExpired, RoomFinished, RowsLanded, SendMessage, WriteRows,
+    Action, CollectRows, Poll, ReleaseSource, RoomExpired, RoomFinished, RowsHeld, RowsLanded, RowsReleased, SendMessage,
+    WriteRows,
 )
 from ._allocator import Allocation, Allocator
 from ._codec import decode, encode, peek_type
@@ -34,7 +35,8 @@ from ._settings import Settings
 
 __all__ = [
     # endpoints and what they ask of their driver
-    "Sender", "Receiver", "Poll", "Action", "SendMessage", "WriteRows", "ReleaseSource", "CollectRows", "RowsLanded",
+    "Sender", "Receiver", "Poll", "Action", "SendMessage", "WriteRows", "ReleaseSource", "CollectRows", "RowsHeld", "RowsReleased",
+    "RowsLanded",
     "RoomFinished", "RoomExpired", "Allocation", "Allocator", "check_room",
     # messages
     "Message", "Register", "Registered", "Init", "Resume", "Status", "Abort", "AbortAck", "Heartbeat",

@@ -83,6 +83,23 @@ class CollectRows(_RoundRows):
 
 
 @attrs.frozen
+class RowsHeld(_RoundRows):
+    """Receiver, a room asked with ``init(lease=True)`` that arrived whole in round 0, in
+    one extent: its rows stay where they landed (one contiguous run of slots) and the
+    allocation stays the room's until ``release_rows`` (or ``forget``, or its retention
+    ending): the application reads them there, without a copy."""
+
+
+@attrs.frozen
+class RowsReleased:
+    """Receiver: a held room's rows are about to be freed (``RowsHeld``): stop reading
+    them, clear the room's aux record; the blocks go back to the pool right after."""
+
+    room: int
+    allocation: Allocation
+
+
+@attrs.frozen
 class RowsLanded(_RoundRows):
     """Receiver, scheduler-driven room: the round's rows are in ``allocation``, which is the
     application's again: it reads them where they lie and frees the blocks
@@ -107,4 +124,5 @@ class RoomExpired:
     room: int
 
 
-Action = Union[SendMessage, WriteRows, ReleaseSource, CollectRows, RowsLanded, RoomFinished, RoomExpired]
+Action = Union[SendMessage, WriteRows, ReleaseSource, CollectRows, RowsHeld, RowsReleased, RowsLanded, RoomFinished,
+               RoomExpired]

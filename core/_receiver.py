@@ -21,7 +21,7 @@ from embxfer.specs.tables import (
     TRANSFERRING,
 )
 
-from ._actions import Action, CollectRows, Poll, RoomFinished, SendMessage, WriteRows
+from ._actions import Action, CollectRows, Poll, RoomFinished, RowsHeld, RowsReleased, SendMessage, WriteRows
 from ._allocator import Allocation, Allocator, leading_extents
 from ._endpoint import RETIRED_MEMORY, Endpoint, check_room
 from ._errors import LocalProtocolError
@@ -46,6 +46,8 @@ class _ReceiverRoom:
     allocation: Allocation | None = None  # the current round's blocks, while they hold our slots
     requested: bool = False  # the current allocation was told to the sender
     scheduled: bool = False  # the application allocates each round (``init(allocation=)``, ``resume``)
+    lease: bool = False  # ``init(lease=True)``: whole in round 0, in one extent, its rows stay in the pool
+    held: Allocation | None = None  # the blocks whose rows a lease reads (``RowsHeld``), until released
     told_sender: bool = False  # the sender knows this room (an init went out)
     reason: str = ""
     rounds: int = 0
@@ -136,15 +138,20 @@ class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
         return record.allocation.extents[0][0]
 
     # -- inputs ------------------------------------------------------------------------
-    def init(self, room: int, now: float, allocation: Allocation | None = None) -> list[Action]:
+    def init(self, room: int, now: float, allocation: Allocation | None = None, *, lease: bool = False) -> list[Action]:
         """Start receiving ``room``: allocate the default guess (or wait for it) and send init.
         With ``allocation`` (blocks the application took from ``allocator``) the room is
-        scheduler-driven: round 0 goes there, and each later round where ``resume`` says."""
+        scheduler-driven: round 0 goes there, and each later round where ``resume`` says.
+        With ``lease``, a room that arrives whole in round 0, in one extent, keeps its rows
+        where they landed (``RowsHeld``) until ``release_rows``: no copy out of the pool."""
         if type(room) is not int or not 0 <= room <= U64_MAX:
             check_room(room)  # the typed error; inlined test: this is the hot path
         if room in self.rooms or room in self._retired:
             raise LocalProtocolError(f"room {room} was already initialised", field="room")
-        record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout, started=now)
+        if lease and allocation is not None:
+            raise LocalProtocolError("a scheduler-driven room's rows are the application's already: no lease",
+                                     field="lease")
+        record = _ReceiverRoom(room, BOOTSTRAPPING, now + self.settings.bootstrap_timeout, started=now, lease=lease)
         if allocation is not None:
             self._bind(allocation, room)
             record.scheduled = True
@@ -236,8 +243,11 @@ class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
         if record.scheduled:
             self._scheduled_round_landed(record, allocation, expected, now, actions)
             return actions
-        # rows leave the pool before the blocks go back, and before anything reuses them
-        collect = CollectRows(record.room, record.round, allocation, record.sent_tokens, expected, record.aux)
+        # rows leave the pool before the blocks go back, and before anything reuses them (or,
+        # leased, stay there until released)
+        held = record.lease and expected == record.aux.total_tokens and len(allocation.extents) == 1
+        collect = (RowsHeld if held else CollectRows)(
+            record.room, record.round, allocation, record.sent_tokens, expected, record.aux)
         record.allocation = None
         record.requested = False
         record.sent_tokens += expected
@@ -254,7 +264,10 @@ class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
             self._grant_resume(record, now, actions)
             stats["resumes_pipelined"] += 1
         actions.append(collect)
-        self.allocator.free(allocation)
+        if held:
+            record.held = allocation
+        else:
+            self.allocator.free(allocation)
         if not remaining:
             if self._step(record, ROUND_COMPLETE, now, actions):
                 self._succeeded(record, now, actions)
@@ -263,6 +276,36 @@ class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
             self._waiting_resume.append(record.room)
         self._serve_waiting(now, actions)
         return actions
+
+    def release_rows(self, room: int, now: float) -> list[Action]:
+        """A leased room's rows (``RowsHeld``) are read: its blocks go back to the pool
+        (nothing when it holds none)."""
+        record = self.rooms.get(check_room(room))
+        actions: list[Action] = []
+        if record is not None and record.held is not None:
+            self._release_held(record, actions)
+            self._serve_waiting(now, actions)
+        return actions
+
+    def holds_rows(self, room: int) -> bool:
+        """``room`` ended with its rows held in the pool for a lease."""
+        record = self.rooms.get(room)
+        return record is not None and record.held is not None
+
+    def _release_held(self, record: _ReceiverRoom, actions: list[Action]) -> None:
+        assert record.held is not None
+        actions.append(RowsReleased(record.room, record.held))
+        self.allocator.free(record.held)
+        record.held = None
+
+    def _forget_record(self, record: Any) -> None:
+        if record.held is not None:
+            # forgotten without a release (``forget``, or unread past retention: ``RoomExpired``
+            # tells the driver): the rows go too; rooms waiting for blocks are served at the
+            # next tick
+            self.allocator.free(record.held)
+            record.held = None
+        super()._forget_record(record)
 
     def _on_timeout(self, record: _ReceiverRoom, now: float, actions: list[Action]) -> None:
         if record.state == BOOTSTRAPPING and not record.told_sender and self.peer_ready:

@@ -176,16 +176,11 @@ class BatchWriter:
             return
         try:
             batch = self._batch(write, staged, layout)
-        except ValueError as error:
-            on_done(write, str(error))
+        except ValueError as problem:
+            on_done(write, str(problem))
             return
         if sum(batch[2]) <= self.engine.inline_bytes and not self._closing and write.room not in self._cancelled:
-            try:
-                rc = self.engine.write(target, *batch)
-                error = None if rc == 0 else f"{self.engine.name} returned {rc}"
-            except Exception as raised:
-                error = f"{self.engine.name} raised {type(raised).__name__}: {raised}"
-            on_done(write, error)
+            on_done(write, self._engine_write(target, batch))
             return
 
         def run(chain: bool = True) -> None:
@@ -199,10 +194,7 @@ class BatchWriter:
                 error: str | None = "cancelled before it started (the room had failed)"
             else:
                 try:
-                    rc = self.engine.write(target, *batch)
-                    error = None if rc == 0 else f"{self.engine.name} returned {rc}"
-                except Exception as raised:  # the worker must survive anything the engine does
-                    error = f"{self.engine.name} raised {type(raised).__name__}: {raised}"
+                    error = self._engine_write(target, batch)
                 finally:
                     with self._target_lock:
                         self._in_engine -= 1
@@ -224,6 +216,14 @@ class BatchWriter:
                 return
             self._target_running[target] = running + 1
         self._pool.submit(run)
+
+    def _engine_write(self, target: str, batch: tuple[list[int], list[int], list[int]]) -> str | None:
+        """One batch through the engine: None when written, else why not."""
+        try:
+            rc = self.engine.write(target, *batch)
+        except Exception as raised:  # the thread must survive anything the engine does
+            return f"{self.engine.name} raised {type(raised).__name__}: {raised}"
+        return None if rc == 0 else f"{self.engine.name} returned {rc}"
 
     def _next_for(self, target: str) -> None:
         with self._target_lock:

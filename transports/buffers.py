@@ -61,6 +61,12 @@ class EmbeddingData:
     def num_tokens(self) -> int:
         return int(self.embeddings.shape[0])
 
+    def copy(self) -> "EmbeddingData":
+        """The same rows in dense memory of their own (e.g. out of a lease on the pool)."""
+        dense = torch.contiguous_format
+        return EmbeddingData(self.embeddings.clone(memory_format=dense), self.fill_ids.clone(memory_format=dense),
+                             self.mrope_positions.clone(memory_format=dense), self.mrope_position_delta)
+
     def check_fits(self, settings: Settings) -> None:
         if self.embeddings.shape[1] != settings.hidden_size:
             raise LocalProtocolError(
@@ -123,6 +129,13 @@ class PoolBuffers:
             self.embeddings[first_slot:first_slot + length].copy_(source.embeddings[src:src + length])
             self.fill_ids[first_slot:first_slot + length].copy_(source.fill_ids[src:src + length])
             self.mrope[first_slot:first_slot + length].copy_(source.mrope[src:src + length])
+
+    def rows_view(self, first_slot: int, num_tokens: int, aux: AuxHeader) -> EmbeddingData:
+        """A room's rows where they lie in one run of slots: views of the pool, no copy (mrope
+        as the transposed view of its token-major slots)."""
+        end = first_slot + num_tokens
+        return EmbeddingData(self.embeddings[first_slot:end], self.fill_ids[first_slot:end],
+                             self.mrope[first_slot:end].t(), aux.mrope_position_delta)
 
     def write_aux(self, block: int, header: AuxHeader) -> None:
         self.aux[block] = torch.tensor(header.to_words(), dtype=torch.int64)

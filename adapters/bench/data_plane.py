@@ -85,18 +85,18 @@ def embxfer_seconds(megabytes: int, resumes: int, repeat: int, data_plane: str) 
         for attempt in range(repeat + 1):  # the first run warms the connection up and is verified
             room = 1000 + attempt
             started = time.perf_counter()
-            rx.init(room)
+            rx.init(room, lease=True)  # an engine that consumes the rows at once reads them in the pool
             link.sender.send(room, data)
             state = rx.wait(room, timeout=120)
-            elapsed = time.perf_counter() - started
             if state != Poll.Success:
                 raise RuntimeError(f"bench room {room} over {data_plane} ended {state.name}: {rx.failure(room)}")
-            result = rx.take(room)
-            if attempt == 0:
-                if not result.same_bytes(data):
-                    raise AssertionError(f"bench rows differ after the {data_plane} data plane")
-                rounds_seen = max(int(k.split(":")[1]) for k in rx.stats() if k.startswith("resume_rounds:"))
-            else:
+            with rx.lease(room) as result:
+                elapsed = time.perf_counter() - started
+                if attempt == 0:
+                    if not result.same_bytes(data):
+                        raise AssertionError(f"bench rows differ after the {data_plane} data plane")
+                    rounds_seen = max(int(k.split(":")[1]) for k in rx.stats() if k.startswith("resume_rounds:"))
+            if attempt:
                 times.append(elapsed)
             link.sender.forget(room)
     return statistics.median(times), rounds_seen
@@ -281,14 +281,17 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
                 row.target("embxfer_zmq/embxfer_mooncake", ">=", 1.5, "zero-copy ZeroMQ plane ≥ 1.5× Mooncake TCP")
             case.rows.append(row)
     case.verified = True  # every transport's first run was compared byte for byte (or raised)
-    case.notes.append("mc = ZeroMQ control + Mooncake TCP writes; shm = ZeroMQ control + shared-memory copies; raw mc = one transfer_sync_write of the same bytes; "
+    case.notes.append("a room = init(lease=True) → Success → its rows in hand (a room whole in round 0 is read in the pool: "
+                      "no copy out of it; resumed rooms are assembled); "
+                      "mc = ZeroMQ control + Mooncake TCP writes; shm = ZeroMQ control + shared-memory copies; raw mc = one transfer_sync_write of the same bytes; "
                       "pickle zmq = send_pyobj over REQ to a REP thread, unpickled (upstream SGLang EPD); "
                       "memcpy = one thread, warm destination")
     return case
 
 
 def loopback_seconds(megabytes: int, repeat: int) -> float:
-    """Median seconds of one room init → take through the loopback link (no resumes)."""
+    """Median seconds of one room init → its rows in hand through the loopback link (no
+    resumes; leased: read where they landed in the pool)."""
     from .._loopback import connect_loopback
 
     tokens = tokens_for(megabytes)
@@ -299,16 +302,15 @@ def loopback_seconds(megabytes: int, repeat: int) -> float:
     times = []
     for attempt in range(repeat + 1):
         started = time.perf_counter()
-        rx.init(attempt)
+        rx.init(attempt, lease=True)
         link.sender.send(attempt, data)
         link.run_until_idle()
-        result = rx.take(attempt)
-        elapsed = time.perf_counter() - started
-        link.sender.endpoint.forget(attempt)
-        if attempt == 0:
-            if not result.same_bytes(data):
+        with rx.lease(attempt) as result:
+            elapsed = time.perf_counter() - started
+            if attempt == 0 and not result.same_bytes(data):
                 raise AssertionError("loopback rows differ")
-        else:
+        link.sender.endpoint.forget(attempt)
+        if attempt:
             times.append(elapsed)
     return statistics.median(times)
 

@@ -71,6 +71,8 @@ def test_targets_say_met_or_missed_consistently(quick_run):
             assert target["met"] == (target["value"] <= target["threshold"]), target
         else:
             assert target["met"] == (target["value"] >= target["threshold"]), target
+        # a missed target says what holds it back; a met one carries no excuse
+        assert bool(target.get("why_missed")) == (target["met"] is False), target
     assert document["targets_met"] + document["targets_missed"] == len(listed)
 
 

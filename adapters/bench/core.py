@@ -21,9 +21,9 @@ from .report import CaseResult, Column, Row
 
 Step = Callable[[str], None]
 
-CORE_TARGET_US = 30.0
+CORE_TARGET_US = {"no resume": 20.0, "one resume": 30.0}  # µs per room, with the codec
 SCALE_TARGET_BYTES = 4096
-SCALE_TARGET_RATIO = 1.5
+SCALE_TARGET_RATIO = 1.3
 SCALE_BASELINE_ROOMS = 100
 
 # -- core overhead -------------------------------------------------------------------------
@@ -105,7 +105,10 @@ def run_core_overhead(rooms: int, repeat: int, step: Step) -> CaseResult:
         row.figure("us_per_room_without_codec", median["without"] * 1e6)
         row.figure("codec_us_per_room", median["codec"] * 1e6)
         row.ratio("us_per_room/codec_us_per_room", "us_per_room", "codec_us_per_room")
-        row.target("us_per_room", "<=", CORE_TARGET_US, f"≤ {CORE_TARGET_US:g} µs per room (with codec)")
+        target = CORE_TARGET_US[kind]
+        row.target("us_per_room", "<=", target, f"≤ {target:g} µs per room (with codec)",
+                   "a dozen validated attrs messages and actions per room, four timer updates, allocation and "
+                   "histograms on both endpoints: ~5× the codec alone")
         case.rows.append(row)
     case.notes.append("µs/room: init → Success → forget on both endpoints, messages through encode/decode as on a wire; "
                       "baseline: encoding and decoding the same messages alone; the three are timed in alternation")
@@ -225,7 +228,8 @@ def run_scale(sizes: list[int], cycles: int, repeat: int, step: Step) -> CaseRes
         row.ratio("us_per_event/us_per_event_at_baseline", "us_per_event", "us_per_event_at_baseline")
         row.target("bytes_per_room", "<=", SCALE_TARGET_BYTES, "≤ 4 KiB of core state per room")
         row.target("us_per_event/us_per_event_at_baseline", "<=", SCALE_TARGET_RATIO,
-                   f"≤ {SCALE_TARGET_RATIO:g}x the per-event time at {SCALE_BASELINE_ROOMS} rooms")
+                   f"≤ {SCALE_TARGET_RATIO:g}x the per-event time at {SCALE_BASELINE_ROOMS} rooms",
+                   "dicts and the deadline heap grow with the rooms in flight: cache misses, not more work")
         case.rows.append(row)
     case.notes.append("B/room: tracemalloc growth of Sender + Receiver state (room records, allocations, messages "
                       "kept, deadlines) per room in flight, no rows; event = one input to an endpoint; the two "

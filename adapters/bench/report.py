@@ -40,6 +40,7 @@ class Target:
     threshold: float
     value: float | None
     description: str
+    why_missed: str = ""  # what holds the figure back, reported when the target is missed
 
     @property
     def met(self) -> bool | None:
@@ -74,8 +75,10 @@ class Row:
             return self.ratios[subject].value
         return self.figures.get(subject)
 
-    def target(self, subject: str, comparison: str, threshold: float, description: str) -> None:
-        self.targets.append(Target(subject, comparison, threshold, self.value_of(subject), description))
+    def target(self, subject: str, comparison: str, threshold: float, description: str, why_missed: str = "") -> None:
+        """``why_missed``: what is known to hold the figure back (from the profile), reported
+        with the verdict when the target is missed."""
+        self.targets.append(Target(subject, comparison, threshold, self.value_of(subject), description, why_missed))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,14 +86,15 @@ class Row:
             "params": self.params,
             "figures": self.figures,
             "ratios": {name: {"value": r.value, "figure": r.figure, "baseline": r.baseline} for name, r in self.ratios.items()},
-            "targets": [_target_json(t) for t in self.targets],
+            "targets": [target_json(t) for t in self.targets],
             "unavailable": self.unavailable,
         }
 
 
-def _target_json(target: Target) -> dict[str, Any]:
+def target_json(target: Target) -> dict[str, Any]:
     return {"subject": target.subject, "comparison": target.comparison, "threshold": target.threshold,
-            "value": target.value, "met": target.met, "description": target.description}
+            "value": target.value, "met": target.met, "description": target.description,
+            **({"why_missed": target.why_missed or "not analysed"} if target.met is False else {})}
 
 
 @attrs.frozen
@@ -191,7 +195,9 @@ def targets_table(cases: list[CaseResult]) -> str:
         for row, target in case.targets():
             verdict = {True: "met", False: "MISSED", None: "n/a"}[target.met]
             value = "n/a" if target.value is None else _number(target.value)
-            rows.append([case.name, row.label, target.description, value, verdict])
+            why = (target.why_missed or "not analysed") if target.met is False else ""
+            rows.append([case.name, row.label, target.description, value, verdict, why])
     if not rows:
         return "Targets: none measured"
-    return "\n".join(["Targets", *("  " + line for line in format_table(["case", "row", "target", "value", "verdict"], rows))])
+    headers = ["case", "row", "target", "value", "verdict", "why (when missed)"]
+    return "\n".join(["Targets", *("  " + line for line in format_table(headers, rows))])

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-from .report import CaseResult, targets_table
+from .report import CaseResult, target_json, targets_table
 
 CASES = ("data-plane", "loopback", "core", "control-plane", "scale", "allocator", "prealloc")
 
@@ -153,11 +153,8 @@ def run(cases: list[str], plan: Plan, progress: _Progress | None = None) -> tupl
         progress.catch_up(position)
         results.append(case)
         progress.print(case.table() + "\n")
-    targets = [
-        {"case": case.name, "row": row.label, "subject": target.subject, "comparison": target.comparison,
-         "threshold": target.threshold, "value": target.value, "met": target.met, "description": target.description}
-        for case in results for row, target in case.targets()
-    ]
+    targets = [{"case": case.name, "row": row.label, **target_json(target)}
+               for case in results for row, target in case.targets()]
     verified = [case.verified for case in results if case.verified is not None]
     return {
         "schema": "embxfer-bench/1",

@@ -121,7 +121,10 @@ class RowSink:
         result; the room stays until ``end_lease``."""
         self._check_success(endpoint, room)
         held = self.held.get(room)
-        return held[0] if held is not None else self.results[room]
+        if held is None:
+            return self.results[room]
+        endpoint.lend(room)  # from now on only the lease's end frees them
+        return held[0]
 
     def end_lease(self, endpoint: Any, room: int, now: float) -> list[Action]:
         """A lease is over: held rows go back to the pool; the endpoint forgets the room.

@@ -193,7 +193,7 @@ class Endpoint:
         retention = self.settings.retention_timeout
         expired, kept = [], False
         for record in self.rooms.values():
-            if record.state in TERMINAL_STATES:
+            if record.state in TERMINAL_STATES and not self._in_use(record):
                 if record.ended + retention <= now:
                     expired.append(record)
                 else:
@@ -203,6 +203,10 @@ class Endpoint:
             self._forget_record(record)
             actions.append(RoomExpired(record.room))
         self._next_sweep = now + retention / 4 if kept else None
+
+    def _in_use(self, record: Any) -> bool:
+        """A finished room the application is still reading (never forgotten under it)."""
+        return False
 
     def _on_timeout(self, record: Any, now: float, actions: list[Action]) -> None:
         self._fail(record, TIMEOUT, f"timeout in state {record.state}", now, actions)

@@ -48,6 +48,7 @@ class _ReceiverRoom:
     scheduled: bool = False  # the application allocates each round (``init(allocation=)``, ``resume``)
     lease: bool = False  # ``init(lease=True)``: whole in round 0, in one extent, its rows stay in the pool
     held: Allocation | None = None  # the blocks whose rows a lease reads (``RowsHeld``), until released
+    lent: bool = False  # ``lend``: the application reads the held rows now; retention waits for it
     told_sender: bool = False  # the sender knows this room (an init went out)
     reason: str = ""
     rounds: int = 0
@@ -286,6 +287,16 @@ class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
             self._release_held(record, actions)
             self._serve_waiting(now, actions)
         return actions
+
+    def lend(self, room: int) -> None:
+        """The application reads ``room``'s held rows from now until ``release_rows`` (or
+        ``forget``): retention never frees blocks under a reader."""
+        record = self.rooms.get(check_room(room))
+        if record is not None and record.held is not None:
+            record.lent = True
+
+    def _in_use(self, record: Any) -> bool:
+        return bool(record.lent)
 
     def holds_rows(self, room: int) -> bool:
         """``room`` ended with its rows held in the pool for a lease."""

@@ -122,6 +122,22 @@ def test_an_unread_leased_room_gives_its_blocks_back_at_the_end_of_its_retention
     assert not rx.rows.held
 
 
+def test_a_lease_in_use_is_never_freed_under_its_reader_by_retention() -> None:
+    settings = attrs.evolve(S, retention_timeout=5.0)
+    link = connect_loopback(settings)
+    rx = link.receivers[0]
+    data = room_data(3, 1, settings, num_tokens=9)
+    rx.init(1, lease=True)
+    link.sender.send(1, data)
+    link.run_until_idle()
+    with rx.lease(1) as rows:
+        link.advance(60.0)  # long past retention
+        link.run_until_idle()
+        assert rx.allocator.free_blocks == S.pool_blocks - 3 and rx.stats().get("expired_unread", 0) == 0
+        assert rows.same_bytes(data)
+    assert rx.allocator.free_blocks == S.pool_blocks and not invariants.all_freed_once(rx.allocator)
+
+
 def test_a_lease_is_refused_for_a_scheduler_driven_room() -> None:
     link = connect_loopback(S)
     rx = link.receivers[0]

@@ -256,18 +256,13 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
             row.params["resume_rounds"] = rounds_seen
             row.figure("embxfer_mooncake", nbytes / seconds / 1e6)
             step(f"{megabytes} MB {resume} resumes embxfer mooncake")
-            try:
-                zmq_seconds, _ = embxfer_seconds(megabytes, resume, repeat, "zmq")
-                row.figure("embxfer_zmq", nbytes / zmq_seconds / 1e6)
-            except Unavailable as why:
-                row.figure("embxfer_zmq", None, str(why))
-            step(f"{megabytes} MB {resume} resumes embxfer zmq")
-            try:
-                shm_seconds, _ = embxfer_seconds(megabytes, resume, repeat, "shm")
-                row.figure("embxfer_shm", nbytes / shm_seconds / 1e6)
-            except Unavailable as why:
-                row.figure("embxfer_shm", None, str(why))
-            step(f"{megabytes} MB {resume} resumes embxfer shm")
+            for plane in ("zmq", "shm"):  # planes that may be unavailable here: n/a, with why
+                try:
+                    plane_seconds, _ = embxfer_seconds(megabytes, resume, repeat, plane)
+                    row.figure(f"embxfer_{plane}", nbytes / plane_seconds / 1e6)
+                except Unavailable as why:
+                    row.figure(f"embxfer_{plane}", None, str(why))
+                step(f"{megabytes} MB {resume} resumes embxfer {plane}")
             row.figure("raw_mooncake", raw_mb_s)
             row.figure("memcpy", memcpy_mb_s)
             row.figure("pickle_zmq", pickle_mb_s)

@@ -173,6 +173,7 @@ class EncodeServer(_Runtime):
         self._refusals_left, self._refusals_when = REFUSED_BURST, time.monotonic()
         self._prune_until = self._pruned_at = 0.0
         self._done_inline: list[tuple[WriteRows, str | None]] = []
+        self._submitting = False  # the I/O thread is inside writer.submit
         self._thread.start()
 
     def send(self, room: int, data: EmbeddingData) -> None:
@@ -459,7 +460,7 @@ class EncodeServer(_Runtime):
     def _on_write_done(self, write: WriteRows, error: str | None) -> None:
         if self._stopping:
             return  # a write abandoned at close that ended after all: nobody is left to tell
-        if threading.get_ident() == self._thread.ident:
+        if self._submitting and threading.get_ident() == self._thread.ident:
             self._done_inline.append((write, error))  # ended within submit: _execute goes on with it
             return
         self._completions.put((write, error))  # worker thread: hand over, never touch the core
@@ -478,7 +479,11 @@ class EncodeServer(_Runtime):
             if layout is None or session is None:
                 return self.endpoint.write_done(action.room, action.rank, action.round, time.monotonic(),
                                                 f"rank {action.rank} sent no pool layout")  # type: ignore[no-any-return]
-            self.writer.submit(action, session, layout, self._on_write_done)
+            self._submitting = True
+            try:
+                self.writer.submit(action, session, layout, self._on_write_done)
+            finally:
+                self._submitting = False
             if self._done_inline:  # written at once (a small shared-memory copy), or refused up front
                 write, error = self._done_inline.pop()
                 return self.endpoint.write_done(  # type: ignore[no-any-return]

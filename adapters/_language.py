@@ -163,7 +163,13 @@ class LanguageClient(_Runtime):
         when the lease ends."""
         with self.lock:
             rows = self.rows.lease(self.endpoint, room)
-        return RowsLease(rows, lambda: self.forget(room))
+        return RowsLease(rows, lambda: self._end_lease(room))
+
+    def _end_lease(self, room: int) -> None:
+        with self.lock:
+            actions = self.rows.end_lease(self.endpoint, room, time.monotonic(), by_lease=True)
+            if actions:
+                self._hand_over(actions)
 
     def forget(self, room: int) -> None:
         """Forget a finished room once its outcome is read (``take`` forgets a Success

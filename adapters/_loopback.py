@@ -235,7 +235,8 @@ class ReceiverHandle(_Handle):
     def lease(self, room: int) -> RowsLease:
         """The room's rows where they lie (see ``RowsLease``); forgotten when it ends."""
         rows = self.rows.lease(self.endpoint, room)
-        return RowsLease(rows, lambda: self.clear(room))
+        return RowsLease(rows, lambda: self._run(self.rows.end_lease(self.endpoint, room, self.network.now,
+                                                                     by_lease=True)))
 
     def clear(self, room: int) -> None:
         """Forget a finished room once its outcome is read (``take`` forgets a Success

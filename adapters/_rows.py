@@ -104,6 +104,7 @@ class RowSink:
         """The room's rows, exactly as sent, in memory of their own (held rows are copied out
         and released: the actions that follows, for the driver); the endpoint forgets the room."""
         self._check_success(endpoint, room)
+        self._check_not_lent(endpoint, room)
         actions: list[Action] = []
         held = self.held.get(room)
         if held is not None:
@@ -126,9 +127,12 @@ class RowSink:
         endpoint.lend(room)  # from now on only the lease's end frees them
         return held[0]
 
-    def end_lease(self, endpoint: Any, room: int, now: float) -> list[Action]:
-        """A lease is over: held rows go back to the pool; the endpoint forgets the room.
+    def end_lease(self, endpoint: Any, room: int, now: float, *, by_lease: bool = False) -> list[Action]:
+        """A room is done with (``by_lease``: its lease ended; otherwise ``forget``, refused
+        while a lease is open): held rows go back to the pool; the endpoint forgets the room.
         Returns the actions that follow (rooms waiting for the blocks), for the driver."""
+        if not by_lease:
+            self._check_not_lent(endpoint, room)
         actions = endpoint.release_rows(room, now)
         self.execute_all(actions[:1])
         self.results.pop(room, None)
@@ -138,6 +142,12 @@ class RowSink:
     def execute_all(self, actions: list[Action]) -> None:
         for action in actions:
             self.execute(action)
+
+    @staticmethod
+    def _check_not_lent(endpoint: Any, room: int) -> None:
+        if endpoint.is_lent(room):
+            raise LocalProtocolError(f"room {room} is leased: its rows are read in the pool until the lease ends",
+                                     field="room")
 
     @staticmethod
     def _check_success(endpoint: Any, room: int) -> None:

@@ -295,6 +295,18 @@ class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
         if record is not None and record.held is not None:
             record.lent = True
 
+    def is_lent(self, room: int) -> bool:
+        """``room``'s held rows are being read (``lend``), until ``release_rows``."""
+        record = self.rooms.get(room)
+        return record is not None and record.lent
+
+    def forget(self, room: int) -> None:
+        record = self.rooms.get(room) if type(room) is int else None
+        if record is not None and record.held is not None:
+            # its blocks may go only with a RowsReleased the driver executes (views, aux record)
+            raise LocalProtocolError(f"room {room} holds its rows in the pool: release_rows first", field="room")
+        super().forget(room)
+
     def _in_use(self, record: Any) -> bool:
         return bool(record.lent)
 
@@ -308,6 +320,7 @@ class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
         actions.append(RowsReleased(record.room, record.held))
         self.allocator.free(record.held)
         record.held = None
+        record.lent = False
 
     def _forget_record(self, record: Any) -> None:
         if record.held is not None:

@@ -138,6 +138,23 @@ def test_a_lease_in_use_is_never_freed_under_its_reader_by_retention() -> None:
     assert rx.allocator.free_blocks == S.pool_blocks and not invariants.all_freed_once(rx.allocator)
 
 
+def test_an_open_lease_refuses_take_and_forget_and_the_core_refuses_to_forget_held_rows() -> None:
+    link = connect_loopback(S)
+    rx, data = arrived(link, 1, 9)
+    with rx.lease(1) as rows:
+        for call in (rx.take, rx.clear):
+            with pytest.raises(LocalProtocolError, match="is leased") as refused:
+                call(1)
+            assert refused.value.field == "room"
+        assert rows.same_bytes(data) and rx.allocator.free_blocks == S.pool_blocks - 3
+    assert rx.allocator.free_blocks == S.pool_blocks
+    rx2, _ = arrived(link, 2, 9)
+    with pytest.raises(LocalProtocolError, match="release_rows first"):
+        rx2.endpoint.forget(2)  # the core alone: the driver must see RowsReleased first
+    rx2.take(2)
+    assert rx2.allocator.free_blocks == S.pool_blocks and not invariants.all_freed_once(rx2.allocator)
+
+
 def test_a_lease_is_refused_for_a_scheduler_driven_room() -> None:
     link = connect_loopback(S)
     rx = link.receivers[0]

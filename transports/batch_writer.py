@@ -49,14 +49,15 @@ class WriteEngine(Protocol):
 
 @attrs.define
 class _Staged:
-    source: SourceRows | _ArenaRows
+    source: SourceRows | _CopiedRows
     aux: torch.Tensor
     arena_blocks: Allocation | None = None  # set when the rows were copied into the arena
 
 
 @attrs.define
-class _ArenaRows:
-    """A small room's rows copied into the registered staging arena (what ``_batch`` reads)."""
+class _CopiedRows:
+    """A room's rows copied where the engine reads them: a small room into the registered
+    staging arena, or rows on a device into host memory (what ``_batch`` reads)."""
 
     embeddings: torch.Tensor
     fill_ids: torch.Tensor
@@ -73,7 +74,7 @@ class _StagingArena:
         engine.register(self.buffer)
         self.blocks = Allocator(Settings(block_size=1, default_blocks=1, pool_blocks=ARENA_BYTES // ARENA_BLOCK))
 
-    def stage(self, source: SourceRows) -> tuple[_ArenaRows, torch.Tensor, Allocation] | None:
+    def stage(self, source: SourceRows) -> tuple[_CopiedRows, torch.Tensor, Allocation] | None:
         parts = (source.embeddings, source.fill_ids, source.mrope, torch.zeros(AUX_WORDS, dtype=torch.int64))
         offsets, total = [], 0
         for part in parts:
@@ -94,7 +95,7 @@ class _StagingArena:
             view = self.buffer[base + offset: base + offset + nbytes].view(part.dtype).view(part.shape)
             view.copy_(part)
             views.append(view)
-        return _ArenaRows(views[0], views[1], views[2], source.num_tokens), views[3], blocks
+        return _CopiedRows(views[0], views[1], views[2], source.num_tokens), views[3], blocks
 
 
 class BatchWriter:
@@ -129,8 +130,11 @@ class BatchWriter:
         with self._target_lock:
             self._cancelled.discard(room)  # a new room under a failed one's id
         aux = torch.zeros(AUX_WORDS, dtype=torch.int64)
-        if not self.engine.needs_registration:  # the engine reads the caller's tensors as they are
-            self._staged[room] = _Staged(source, aux)
+        if not self.engine.needs_registration:  # the engine reads the caller's tensors where they are
+            rows: SourceRows | _CopiedRows = source
+            if source.embeddings.device.type != "cpu":  # (it copies host memory: a device's rows come over once)
+                rows = _CopiedRows(source.embeddings.cpu(), source.fill_ids.cpu(), source.mrope.cpu(), source.num_tokens)
+            self._staged[room] = _Staged(rows, aux)
             return
         if self._arena is None:
             self._arena = _StagingArena(self.engine)  # registered once, on first use

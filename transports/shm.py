@@ -99,6 +99,7 @@ class SharedPoolBuffers(PoolBuffers):
             ((settings.pool_blocks, AUX_WORDS), torch.int64, 8),
         ]
         size = sum(_section(_count(shape) * width) for shape, _, width in shapes)
+        identity = host_identity()  # (before the memfd: nothing to close if there is no /proc)
         token = secrets.token_hex(8)
         self.fd = os.memfd_create(f"embxfer-pool-{token}", os.MFD_CLOEXEC)
         try:
@@ -113,7 +114,7 @@ class SharedPoolBuffers(PoolBuffers):
             offset += _section(_count(shape) * width)
         self.block_size = settings.block_size
         self.embeddings, self.fill_ids, self.mrope, self.aux = tensors  # zero: a fresh memfd reads as zeros
-        self.session = ShmSession(host_identity(), os.getpid(), self.fd, token, self.embeddings.data_ptr(), size)
+        self.session = ShmSession(identity, os.getpid(), self.fd, token, self.embeddings.data_ptr(), size)
 
     def close(self) -> None:
         """No sender may open the pool from now on (one that mapped it keeps its mapping until it

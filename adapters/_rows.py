@@ -104,18 +104,9 @@ class RowSink:
         """The room's rows, exactly as sent, in memory of their own (held rows are copied out
         and released: the actions that follows, for the driver); the endpoint forgets the room."""
         self._check_success(endpoint, room)
-        self._check_not_lent(endpoint, room)
-        actions: list[Action] = []
         held = self.held.get(room)
-        if held is not None:
-            result = held[0].copy()
-            actions = endpoint.release_rows(room, now)
-            self.execute_all(actions[:1])  # RowsReleased: before anything else may reuse the blocks
-            actions = actions[1:]
-        else:
-            result = self.results.pop(room)
-        endpoint.forget(room)
-        return result, actions
+        result = held[0].copy() if held is not None else self.results[room]
+        return result, self.end_lease(endpoint, room, now)
 
     def lease(self, endpoint: Any, room: int) -> EmbeddingData:
         """The room's rows where they are: views of the pool for a room it holds, or its
@@ -134,15 +125,11 @@ class RowSink:
         if not by_lease:
             self._check_not_lent(endpoint, room)
         actions = endpoint.release_rows(room, now)
-        self.execute_all(actions[:1])
+        if actions:  # RowsReleased first: executed here, before anything may reuse the blocks
+            self.execute(actions.pop(0))
         self.results.pop(room, None)
         endpoint.forget(room)
-        return actions[1:]
-
-    def execute_all(self, actions: list[Action]) -> None:
-        for action in actions:
-            self.execute(action)
-
+        return actions
     @staticmethod
     def _check_not_lent(endpoint: Any, room: int) -> None:
         if endpoint.is_lent(room):

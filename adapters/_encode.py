@@ -21,6 +21,7 @@ from embxfer.core import (
 from embxfer.specs.schemas import MAX_EXTENTS, MAX_STR_BYTES
 from embxfer.transports.auth import CURVE_OVERHEAD, AuthKeys, peer_key, serve_securely
 from embxfer.transports.buffers import EmbeddingData, SourceRows
+from embxfer.transports.auto import auto_engine
 from embxfer.transports.batch_writer import BatchWriter
 from embxfer.transports.mooncake import MooncakeEngine
 from embxfer.transports.shm import ShmEngine
@@ -128,7 +129,8 @@ class EncodeServer(_Runtime):
         else:
             self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
                                                    retry_for=settings.bootstrap_timeout, cancelled=cancelled)
-            self.writer = BatchWriter(self.engine, settings.block_size)
+            self.writer = BatchWriter(self.engine if settings.data_plane == "mooncake" else auto_engine(self.engine),
+                                      settings.block_size)
             self.session_id = self.engine.session_id
         self.endpoint = Sender(settings, incarnation=new_incarnation(), session_id=self.session_id)
         self.data_for_room = data_for_room

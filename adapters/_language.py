@@ -1,7 +1,9 @@
 """The language side on real wires: a receiver endpoint with its pool, over a ZeroMQ DEALER
 socket to the encode side's bootstrap port.  Rows arrive by the data plane that
-``settings.data_plane`` names: Mooncake writes into the registered pool, or zmq frames that
-our data socket checks and copies in."""
+``settings.data_plane`` names: Mooncake writes into the registered pool, zmq frames that
+our data socket checks and copies in, or a same-host sender's copies into our pool in shared
+memory (``auto``: the pool in shared memory and registered with Mooncake, each sender
+using what reaches it)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from embxfer.core import Action, LocalProtocolError, Register, SendMessage, Receiver, Settings, decode, encode
 from embxfer.transports.auth import AuthKeys, connect_securely
+from embxfer.transports.auto import auto_session, shared_pool_or_private
 from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeEngine, pool_addresses, register_pool
 from embxfer.transports.shm import SharedPoolBuffers
@@ -45,30 +48,19 @@ class LanguageClient(_Runtime):
         self.rank = rank
         shared_pool = rows is not None
         if rows is None:
-            rows = RowSink(settings, SharedPoolBuffers(settings) if settings.data_plane == "shm" else None)
+            pool = {"shm": SharedPoolBuffers, "auto": shared_pool_or_private}.get(settings.data_plane)
+            rows = RowSink(settings, pool(settings) if pool is not None else None)
         self.rows = rows
         self.buffers = self.rows.buffers
         self._owns_pool = not shared_pool
         self.engine: MooncakeEngine | None = None
         self.data_receiver: ZmqPoolReceiver | None = None
-        if settings.data_plane == "zmq":
-            self.data_receiver = ZmqPoolReceiver(
-                self.buffers, lock=self.lock, counters=self.counters, host=host,
-                accept=lambda write: self.endpoint.write_problem(write) or "", auth=auth,
-            )
-            session_id, addresses = self.data_receiver.session_id, pool_extent(self.buffers)
-        elif settings.data_plane == "shm":
-            if not isinstance(self.buffers, SharedPoolBuffers):
-                raise LocalProtocolError("the shm data plane needs its pool in shared memory: "
-                                         "RowSink(settings, SharedPoolBuffers(settings))", field="rows")
-            session_id, addresses = str(self.buffers.session), pool_addresses(self.buffers)
-        else:
-            # a quick restart within a pinned port range waits for its ports, up to the bootstrap timeout
-            self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
-                                                   retry_for=settings.bootstrap_timeout, cancelled=cancelled)
-            if not shared_pool:
-                register_pool(self.engine, self.buffers)
-            session_id, addresses = self.engine.session_id, pool_addresses(self.buffers)
+        try:
+            session_id, addresses = self._open_data_plane(host, protocol, device, verbose, engine, cancelled, shared_pool)
+        except BaseException:
+            if self._owns_pool and isinstance(self.buffers, SharedPoolBuffers):
+                self.buffers.close()  # (its memfd's descriptor would stay open for nothing)
+            raise
         self.bootstrap_addr = bootstrap_addr
         self._layout = self.endpoint.pool_layout_message(**addresses)  # sent after every Register (a restarted encode side needs it too)
         self._bootstrap_endpoint = f"tcp://{bootstrap_addr}"
@@ -92,6 +84,32 @@ class LanguageClient(_Runtime):
         self._thread.start()
         if wait_for_peer:  # otherwise the caller waits (``wait_connected``) or watches the endpoint
             self.wait_connected(settings.bootstrap_timeout if connect_timeout is None else connect_timeout)
+
+    def _open_data_plane(self, host: str, protocol: str, device: str, verbose: bool, engine: MooncakeEngine | None,
+                         cancelled: Any, shared_pool: bool) -> tuple[str, dict[str, int]]:
+        """Start receiving rows by ``settings.data_plane``: (our data session, the pool's addresses)."""
+        settings = self.settings
+        if settings.data_plane == "zmq":
+            self.data_receiver = ZmqPoolReceiver(
+                self.buffers, lock=self.lock, counters=self.counters, host=host,
+                accept=lambda write: self.endpoint.write_problem(write) or "", auth=self.auth,
+            )
+            session_id, addresses = self.data_receiver.session_id, pool_extent(self.buffers)
+        elif settings.data_plane == "shm":
+            if not isinstance(self.buffers, SharedPoolBuffers):
+                raise LocalProtocolError("the shm data plane needs its pool in shared memory: "
+                                         "RowSink(settings, SharedPoolBuffers(settings))", field="rows")
+            session_id, addresses = str(self.buffers.session), pool_addresses(self.buffers)
+        else:
+            # a quick restart within a pinned port range waits for its ports, up to the bootstrap timeout
+            self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
+                                                   retry_for=settings.bootstrap_timeout, cancelled=cancelled)
+            if not shared_pool:
+                register_pool(self.engine, self.buffers)
+            session_id, addresses = self.engine.session_id, pool_addresses(self.buffers)
+            if settings.data_plane == "auto" and isinstance(self.buffers, SharedPoolBuffers):
+                session_id = auto_session(str(self.buffers.session), session_id)
+        return session_id, addresses
 
     def wait_connected(self, timeout: float, cancelled: Any = None) -> bool:
         """Block until the encode server accepted our registration (True), or ``cancelled()``

@@ -18,13 +18,14 @@ from embxfer.transports.mooncake import MooncakeEngine, MooncakeUnavailable
 from .settings_flags import settings_args
 
 
-DATA_PLANE_NAMES = {"mooncake": "Mooncake TCP", "zmq": "zero-copy ZeroMQ (CURVE)", "shm": "shared-memory"}
+DATA_PLANE_NAMES = {"mooncake": "Mooncake TCP", "zmq": "zero-copy ZeroMQ (CURVE)", "shm": "shared-memory",
+                    "auto": "shared memory on one host, else Mooncake TCP"}
 
 
 def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receivers: int, seed: int,
                          verbose: bool) -> dict[str, Any] | None:
     """Returns the summary, or None (after saying why in one line) when Mooncake is missing."""
-    if settings.data_plane == "mooncake":
+    if settings.data_plane in ("mooncake", "auto"):
         try:
             MooncakeEngine(verbose=verbose)  # fail fast, in this process, before spawning anything
         except MooncakeUnavailable as error:

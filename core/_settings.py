@@ -34,7 +34,7 @@ def _positive_seconds(instance: Any, attribute: attrs.Attribute, value: Any) -> 
         raise SettingsError(f"{attribute.name} must be a positive number of seconds, got {value!r}", field=attribute.name)
 
 
-DATA_PLANES = ("mooncake", "zmq", "shm")
+DATA_PLANES = ("mooncake", "zmq", "shm", "auto")
 PREALLOC_POLICIES = ("fixed", "adaptive")
 # str fields and the values each accepts
 CHOICES: dict[str, tuple[str, ...]] = {"dtype": DTYPE_NAMES, "data_plane": DATA_PLANES, "prealloc": PREALLOC_POLICIES}
@@ -70,7 +70,8 @@ class Settings:
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
     heartbeat_misses: int = attrs.field(default=5, validator=_positive_int)
     # the data plane of the real transports: Mooncake (RDMA or TCP), zero-copy ZeroMQ frames,
-    # or shared memory between two processes on one host
+    # shared memory between two processes on one host, or auto: shared memory to each
+    # receiver on the same host, Mooncake to the others
     data_plane: str = attrs.field(default="mooncake", validator=_one_of)
     # the first allocation of a room: always ``default_blocks``, or learnt from recent rooms
     prealloc: str = attrs.field(default="fixed", validator=_one_of)

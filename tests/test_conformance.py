@@ -64,7 +64,7 @@ class Harness:
             self.link.close()
 
 
-TRANSPORTS = ["loopback", "mooncake", "zmq", "shm"]
+TRANSPORTS = ["loopback", "mooncake", "zmq", "shm", "auto"]  # (auto: shared memory, both ends on this host)
 SETTINGS = Settings(block_size=16, default_blocks=4, pool_blocks=12, hidden_size=32, dtype="bfloat16")
 
 

@@ -41,6 +41,12 @@ class StuckEngine:
     def prune(self, closing: bool = False) -> None:
         pass
 
+    def route(self, target: str) -> tuple["StuckEngine", str]:
+        return self, target
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
 
 def test_close_cancels_what_has_not_started_and_abandons_only_the_stuck_writes() -> None:
     engine = StuckEngine()

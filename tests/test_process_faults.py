@@ -38,7 +38,7 @@ DEATH_LIMIT = SETTINGS.heartbeat_interval * SETTINGS.heartbeat_misses
 SLACK = 2.0  # scheduling on a busy 2-core machine; the bound asserted is limit + slack
 
 
-PLANES = ["mooncake", "shm"]  # the zmq plane's faults: test_zmq_plane.py
+PLANES = ["mooncake", "shm", "auto"]  # the zmq plane's faults: test_zmq_plane.py; auto: shm here
 
 
 def start_encode_process(port: int = 0, plane: str = "mooncake") -> tuple[subprocess.Popen, str]:
@@ -80,6 +80,9 @@ def pool_maps(pid: int | str = "self") -> list[str]:
     """The shared-memory pools (memfds) mapped in a process."""
     with open(f"/proc/{pid}/maps") as maps:
         return [line for line in maps if "memfd:embxfer-pool" in line]
+
+
+SHARED = ("shm", "auto")  # planes whose pool is in shared memory
 
 
 def shm_files() -> set[str]:
@@ -137,11 +140,11 @@ def test_kill_9_encode_mid_resume_then_a_restarted_encode_at_the_same_address(pr
             assert client.wait(room, 60) == Poll.Success, client.failure(room)
             check_rows(client, room)
         wait_until(client, lambda: client.free_blocks() == SETTINGS.pool_blocks, 30, "every block free")
-        if plane == "shm":
+        if plane in SHARED:
             assert len(pool_maps(restarted.pid)) == 1  # the restarted sender mapped our pool once
     finally:
         client.close()
-    if plane == "shm":
+    if plane in SHARED:
         del client  # the pool's memory goes with the last reference to its tensors
         gc.collect()
         assert not pool_maps(), "the language side's pool is still mapped once the client is gone"
@@ -170,7 +173,7 @@ def test_kill_9_language_mid_transfer_then_a_new_language_process_reusing_room_i
         assert detected <= DEATH_LIMIT + SLACK
         print(f"[faults] kill -9 language: {stats['failed:peer_lost']} rooms failed, all ended within {detected:.2f} s")
         wait_until(server, lambda: server.sources_held() == 0, 30, "every source released")
-        if plane == "shm":
+        if plane in SHARED:
             assert not pool_maps(), "the dead receiver's pool is still mapped by the encode side"
         # a new language process, same rank, room ids from 0 again: a new incarnation
         again = language(server.bootstrap_addr, 20, "--no-progress", "--data-plane", plane,
@@ -182,7 +185,7 @@ def test_kill_9_language_mid_transfer_then_a_new_language_process_reusing_room_i
         assert summary["succeeded"] == 20 and summary["wrong_rows"] == 0 and summary["leaked_blocks"] == 0
         assert server.stats()["peers_restarted"] == 1
         assert server.sources_held() == 0
-        if plane == "shm":  # the finished process's pool went with it, once its connection closed
+        if plane in SHARED:  # the finished process's pool went with it, once its connection closed
             wait_until(server, lambda: not pool_maps(), 30, "the finished receiver's pool unmapped")
     finally:
         server.close()

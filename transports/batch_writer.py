@@ -45,6 +45,9 @@ class WriteEngine(Protocol):
     def unregister(self, tensor: torch.Tensor) -> None: ...
     def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int: ...
     def prune(self, closing: bool = False) -> None: ...
+    # the engine that writes to ``target`` and what it calls it (itself, or one it routes to)
+    def route(self, target: str) -> tuple["WriteEngine", str]: ...
+    def stats(self) -> dict[str, int]: ...
 
 
 @attrs.define
@@ -183,8 +186,9 @@ class BatchWriter:
         except ValueError as problem:
             on_done(write, str(problem))
             return
-        if sum(batch[2]) <= self.engine.inline_bytes and not self._closing and write.room not in self._cancelled:
-            on_done(write, self._engine_write(target, batch))
+        engine, target = self.engine.route(target)
+        if sum(batch[2]) <= engine.inline_bytes and not self._closing and write.room not in self._cancelled:
+            on_done(write, self._engine_write(engine, target, batch))
             return
 
         def run(chain: bool = True) -> None:
@@ -198,7 +202,7 @@ class BatchWriter:
                 error: str | None = "cancelled before it started (the room had failed)"
             else:
                 try:
-                    error = self._engine_write(target, batch)
+                    error = self._engine_write(engine, target, batch)
                 finally:
                     with self._target_lock:
                         self._in_engine -= 1
@@ -221,13 +225,14 @@ class BatchWriter:
             self._target_running[target] = running + 1
         self._pool.submit(run)
 
-    def _engine_write(self, target: str, batch: tuple[list[int], list[int], list[int]]) -> str | None:
+    @staticmethod
+    def _engine_write(engine: WriteEngine, target: str, batch: tuple[list[int], list[int], list[int]]) -> str | None:
         """One batch through the engine: None when written, else why not."""
         try:
-            rc = self.engine.write(target, *batch)
+            rc = engine.write(target, *batch)
         except Exception as raised:  # the thread must survive anything the engine does
-            return f"{self.engine.name} raised {type(raised).__name__}: {raised}"
-        return None if rc == 0 else f"{self.engine.name} returned {rc}"
+            return f"{engine.name} raised {type(raised).__name__}: {raised}"
+        return None if rc == 0 else f"{engine.name} returned {rc}"
 
     def _next_for(self, target: str) -> None:
         with self._target_lock:
@@ -277,8 +282,9 @@ class BatchWriter:
 
     def stats(self) -> dict[str, int]:
         with self._target_lock:
-            return {"writes_in_engine": self._in_engine, "writes_cancelled": self._writes_cancelled,
-                    "writes_queued": sum(len(q) for q in self._target_queues.values())}
+            counts = {"writes_in_engine": self._in_engine, "writes_cancelled": self._writes_cancelled,
+                      "writes_queued": sum(len(q) for q in self._target_queues.values())}
+        return {**counts, **self.engine.stats()}
 
     def close(self, grace: float | None = None) -> int:
         """Stop.  Every write not yet inside the engine ends at once as cancelled (its

@@ -140,6 +140,12 @@ class MooncakeEngine:
             rc = int(self.engine.batch_transfer_sync_write(target, local, remote, lengths))
         return rc
 
+    def route(self, target: str) -> tuple["MooncakeEngine", str]:
+        return self, target
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
     def prune(self, closing: bool = False) -> None:
         """Nothing to let go of: Mooncake keeps one connection a peer and drops it itself (the
         engine outlives the writer: the caller may share it)."""

@@ -174,6 +174,20 @@ class ShmEngine:
             self._let_go(mapping)
         return 0
 
+    def route(self, target: str) -> tuple["ShmEngine", str]:
+        return self, target
+
+    def check(self, target: str) -> None:
+        """Raise ``ShmUnavailable`` unless ``target``'s pool can be mapped (it stays mapped)."""
+        self._let_go(self._acquire(target))
+
+    def is_mapped(self, target: str) -> bool:
+        with self._lock:
+            return target in self._maps
+
+    def stats(self) -> dict[str, int]:
+        return {"pools_mapped": self.mapped()}
+
     def mapped(self) -> int:
         """Receivers' pools mapped now."""
         with self._lock:

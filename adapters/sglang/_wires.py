@@ -36,7 +36,7 @@ class EmbeddingManager(ManagerBase):
                                        bootstrap_port=int(self.bootstrap_port) + self.engine_rank, lock=self.lock)
         else:
             self.rows = RowSink(self.settings, self.buffers.pool)
-            if self.settings.data_plane == "mooncake":
+            if self.settings.data_plane in ("mooncake", "auto"):
                 self.engine = MooncakeEngine(self.host)
                 register_pool(self.engine, self.buffers.pool)
 

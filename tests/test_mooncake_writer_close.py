@@ -73,3 +73,65 @@ def test_close_cancels_what_has_not_started_and_abandons_only_the_stuck_writes()
         assert writer.stats()["writes_in_engine"] == PEER_WRITES
     finally:
         engine.release.set()  # the stuck writes end; nothing is left behind the test
+
+
+class RecordingEngine(StuckEngine):
+    """Blocks like ``StuckEngine``, records each call's ranges and answers ``rc``."""
+
+    def __init__(self, rc: int = 0) -> None:
+        super().__init__()
+        self.rc = rc
+        self.calls: list[tuple[list[int], list[int], list[int]]] = []
+
+    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
+        super().write(target, local, remote, lengths)
+        self.calls.append((list(local), list(remote), list(lengths)))
+        return self.rc
+
+
+def queue_behind_stuck_writes(engine: RecordingEngine, extra: int) -> tuple[BatchWriter, list, threading.Event]:  # type: ignore[type-arg]
+    """PEER_WRITES writes stuck in the engine, ``extra`` more queued behind them to the same peer."""
+    writer = BatchWriter(engine, S.block_size, workers=6)  # type: ignore[arg-type]
+    done: list[tuple[int, str | None]] = []
+    all_done = threading.Event()
+
+    def on_done(write: WriteRows, error: str | None) -> None:
+        done.append((write.room, error))
+        if len(done) == PEER_WRITES + extra:
+            all_done.set()
+
+    for room in range(PEER_WRITES + extra):
+        writer.stage(room, SourceRows(room_data(1, room, S, num_tokens=4)))
+        writer.submit(WriteRows(room, 0, 0, 0, 4, ((4 * room, 0, 4),), None, None), "peer:1", LAYOUT, on_done)
+        if room < PEER_WRITES:
+            assert engine.started.acquire(timeout=10)
+    return writer, done, all_done
+
+
+def test_writes_queued_to_one_peer_go_as_one_engine_call_with_every_range() -> None:
+    engine = RecordingEngine()
+    writer, done, all_done = queue_behind_stuck_writes(engine, 5)
+    assert writer.stats()["writes_queued"] == 5
+    engine.release.set()
+    assert all_done.wait(10)
+    writer.close()
+    assert sorted(done) == [(room, None) for room in range(PEER_WRITES + 5)]
+    assert len(engine.calls) == PEER_WRITES + 1  # the five queued rounds: one call
+    merged_remote = max((call[1] for call in engine.calls), key=len)
+    assert len(merged_remote) == 5 * 3  # embeddings, fill ids, mrope of each round
+    # every round's slots, each where its own write said (slot 4 * room of the embeddings)
+    row = S.hidden_size * 4
+    assert sorted(merged_remote[0::3]) == [LAYOUT.embeddings_addr + 4 * room * row for room in range(PEER_WRITES, PEER_WRITES + 5)]
+
+
+def test_a_failed_merged_call_fails_each_of_its_rounds_and_a_cancelled_one_is_not_written() -> None:
+    engine = RecordingEngine(rc=-1)
+    writer, done, all_done = queue_behind_stuck_writes(engine, 4)
+    writer.cancel(PEER_WRITES + 1)  # that room failed meanwhile: its queued write never starts
+    engine.release.set()
+    assert all_done.wait(10)
+    writer.close()
+    errors = dict(done)
+    assert errors[PEER_WRITES + 1] == "cancelled before it started (the room had failed)"
+    assert all(errors[room] == "stuck engine returned -1" for room in range(PEER_WRITES + 4) if room != PEER_WRITES + 1)
+    assert max(len(call[1]) for call in engine.calls) == 3 * 3  # the three live rounds only

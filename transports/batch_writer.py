@@ -33,6 +33,8 @@ ARENA_BYTES = 32 << 20  # the registered staging arena for small rooms
 ARENA_BLOCK = 4096
 SMALL_ROOM_BYTES = 1 << 20  # rooms up to this size are copied into the arena, not registered
 PEER_WRITES = 3  # writes in flight to one peer
+MERGED_ENTRIES = 1024  # ranges in one engine call made of several rounds' writes (a round alone may have more)
+CANCELLED = "cancelled before it started (the room had failed)"
 _AUX_RECORD = struct.Struct(f"<{AUX_WORDS}q")  # one aux record, as the pool's int64 words
 
 
@@ -101,6 +103,28 @@ class _StagingArena:
         return _CopiedRows(views[0], views[1], views[2], source.num_tokens), views[3], blocks
 
 
+@attrs.define(eq=False)
+class _Pending:
+    """A round's write waiting for its turn to a peer."""
+
+    write: WriteRows
+    batch: tuple[list[int], list[int], list[int]]  # (local, remote, lengths)
+    on_done: Callable[[WriteRows, "str | None"], None]
+
+
+def _merged(batches: list[tuple[list[int], list[int], list[int]]]) -> tuple[list[int], list[int], list[int]]:
+    if len(batches) == 1:
+        return batches[0]
+    local: list[int] = []
+    remote: list[int] = []
+    lengths: list[int] = []
+    for batch_local, batch_remote, batch_lengths in batches:
+        local += batch_local
+        remote += batch_remote
+        lengths += batch_lengths
+    return local, remote, lengths
+
+
 class BatchWriter:
     """The sender's data plane: stage rows, write rounds on worker threads, report back.
 
@@ -119,7 +143,7 @@ class BatchWriter:
         # never all of them
         self._target_lock = threading.Lock()
         self._target_running: dict[str, int] = {}
-        self._target_queues: dict[str, deque[Callable[..., None]]] = {}
+        self._target_queues: dict[str, tuple[WriteEngine, deque[_Pending]]] = {}
         # rooms that failed: their writes not yet started never start (each would wait out
         # Mooncake's timeout against a peer that does not answer, pinning a worker)
         self._cancelled: set[int] = set()
@@ -190,40 +214,40 @@ class BatchWriter:
         if sum(batch[2]) <= engine.inline_bytes and not self._closing and write.room not in self._cancelled:
             on_done(write, self._engine_write(engine, target, batch))
             return
-
-        def run(chain: bool = True) -> None:
-            with self._target_lock:
-                cancelled = self._closing or write.room in self._cancelled
-                if not cancelled:
-                    self._in_engine += 1
-            if cancelled:
-                with self._target_lock:
-                    self._writes_cancelled += 1
-                error: str | None = "cancelled before it started (the room had failed)"
-            else:
-                try:
-                    error = self._engine_write(engine, target, batch)
-                finally:
-                    with self._target_lock:
-                        self._in_engine -= 1
-                        self._idle.notify_all()
-            try:
-                on_done(write, error)
-            finally:
-                if chain:
-                    self._next_for(target)
-                with self._target_lock:
-                    self._unfinished -= 1
-                    self._idle.notify_all()
-
+        pending = _Pending(write, batch, on_done)
         with self._target_lock:
             self._unfinished += 1
             running = self._target_running.get(target, 0)
             if running >= PEER_WRITES:
-                self._target_queues.setdefault(target, deque()).append(run)  # a write to it that ends runs this
+                # a write to it that ends takes this one, with the others waiting then
+                self._target_queues.setdefault(target, (engine, deque()))[1].append(pending)
                 return
             self._target_running[target] = running + 1
-        self._pool.submit(run)
+        self._pool.submit(self._run, engine, target, [pending])
+
+    def _run(self, engine: WriteEngine, target: str, group: list[_Pending], chain: bool = True) -> None:
+        """Write ``group`` (writes to one target) as one batch, then tell each how it went."""
+        with self._target_lock:
+            live = [pending for pending in group if not (self._closing or pending.write.room in self._cancelled)]
+            self._writes_cancelled += len(group) - len(live)
+            self._in_engine += len(live)
+        error: str | None = None
+        if live:
+            try:
+                error = self._engine_write(engine, target, _merged([pending.batch for pending in live]))
+            finally:
+                with self._target_lock:
+                    self._in_engine -= len(live)
+                    self._idle.notify_all()
+        try:
+            for pending in group:
+                pending.on_done(pending.write, error if pending in live else CANCELLED)
+        finally:
+            if chain:
+                self._next_for(target)
+            with self._target_lock:
+                self._unfinished -= len(group)
+                self._idle.notify_all()
 
     @staticmethod
     def _engine_write(engine: WriteEngine, target: str, batch: tuple[list[int], list[int], list[int]]) -> str | None:
@@ -235,19 +259,24 @@ class BatchWriter:
         return None if rc == 0 else f"{engine.name} returned {rc}"
 
     def _next_for(self, target: str) -> None:
+        """A write to ``target`` ended: the writes waiting for it go now, as one batch (many
+        small rooms to one peer cost one engine call, not one each)."""
         with self._target_lock:
-            waiting = self._target_queues.get(target)
+            engine, waiting = self._target_queues.get(target, (None, None))
             if not waiting:
                 self._target_queues.pop(target, None)
                 self._target_running[target] -= 1
                 if not self._target_running[target]:
                     del self._target_running[target]
                 return
-            following = waiting.popleft()
+            group, entries = [], 0
+            while waiting and (not group or entries + len(waiting[0].batch[0]) <= MERGED_ENTRIES):
+                group.append(waiting.popleft())
+                entries += len(group[-1].batch[0])
         try:
-            self._pool.submit(following)
+            self._pool.submit(self._run, engine, target, group)
         except RuntimeError:  # closing: the pool takes no new work, so finish it here
-            following()
+            self._run(engine, target, group)
 
     def _batch(self, write: WriteRows, staged: _Staged, layout: PoolLayout) -> tuple[list[int], list[int], list[int]]:
         source = staged.source
@@ -283,7 +312,7 @@ class BatchWriter:
     def stats(self) -> dict[str, int]:
         with self._target_lock:
             counts = {"writes_in_engine": self._in_engine, "writes_cancelled": self._writes_cancelled,
-                      "writes_queued": sum(len(q) for q in self._target_queues.values())}
+                      "writes_queued": sum(len(waiting) for _, waiting in self._target_queues.values())}
         return {**counts, **self.engine.stats()}
 
     def close(self, grace: float | None = None) -> int:
@@ -295,10 +324,10 @@ class BatchWriter:
         still read them."""
         with self._target_lock:
             self._closing = True
-            queued = [run for waiting in self._target_queues.values() for run in waiting]
+            queued = [(engine, target, list(waiting)) for target, (engine, waiting) in self._target_queues.items()]
             self._target_queues.clear()
-        for run in queued:  # behind a write that may never end: finish them here, as cancelled
-            run(False)
+        for engine, target, group in queued:  # behind a write that may never end: finish them here, as cancelled
+            self._run(engine, target, group, chain=False)
         self._pool.shutdown(wait=False)  # runs not started yet end at once, as cancelled
         deadline = None if grace is None else time.monotonic() + grace
         with self._idle:

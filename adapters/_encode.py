@@ -29,7 +29,7 @@ from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter
 
 from ._failure_log import RateLimitedLog
 from ._fair_inbox import FairInbox
-from ._runtime import _Runtime, new_incarnation, recv_frames
+from ._runtime import _Runtime, new_incarnation, recv_frames, split_messages
 
 log = logging.getLogger("embxfer")
 
@@ -249,11 +249,14 @@ class EncodeServer(_Runtime):
             except zmq.Again:
                 break
             connection = frames[0].bytes
-            refusal = self._refusal(connection, frames)
-            if refusal is not None:
-                self._refused(refusal)
-            elif not inbox.put(connection, frames, sum(len(frame) for frame in frames)):
-                self._refused("inbox_dropped")  # that connection already has its fill waiting
+            # (a coalesced multipart is refused or queued message by message, as if sent alone)
+            for message in split_messages(frames, 1) if len(frames) > 1 else [[]]:
+                message.insert(0, frames[0])
+                refusal = self._refusal(connection, message)
+                if refusal is not None:
+                    self._refused(refusal)
+                elif not inbox.put(connection, message, sum(len(frame) for frame in message)):
+                    self._refused("inbox_dropped")  # that connection already has its fill waiting
         inbox.serve(self._serve_one, time.perf_counter, SERVE_SLICE)
 
     def _refusal(self, connection: bytes, frames: list[Any]) -> str | None:
@@ -413,7 +416,7 @@ class EncodeServer(_Runtime):
         for reply in replies:
             if not reply.accepted:
                 self.refusal_log.warning("refused a registration as rank %d: %s", message.rank, reply.reason)
-            self._send_control([identity, *encode(reply)])
+            self._send_control(encode(reply), identity)
         self._run(a for a in actions if not (isinstance(a, SendMessage) and isinstance(a.message, Registered)))
 
     def _forget_evicted_ranks(self) -> None:
@@ -474,7 +477,7 @@ class EncodeServer(_Runtime):
             if identity is None:
                 self.counters["unroutable_messages"] += 1
             else:
-                self._send_control([identity, *encode(action.message)])
+                self._send_control(encode(action.message), identity)
         elif isinstance(action, WriteRows):
             layout = self.endpoint.pool_layout(action.rank)
             session = self._sessions.get(action.rank)

@@ -19,7 +19,8 @@ from typing import Any
 
 import zmq
 
-from embxfer.core import Action, DecodeError, Poll, RoomFinished, Settings
+from embxfer.core import Action, DecodeError, Poll, RoomFinished, Settings, peek_type
+from embxfer.specs.schemas import MAX_COALESCED, MESSAGE_FRAMES
 from embxfer.transports.wakeup import Wakeup
 
 from ._failure_log import FailureLog
@@ -39,6 +40,23 @@ def recv_frames(socket: zmq.Socket) -> list[zmq.Frame]:
         frame = socket.recv(zmq.NOBLOCK, copy=False)
         frames.append(frame)
     return frames
+
+
+def split_messages(frames: list[Any], first: int = 0) -> list[list[Any]]:
+    """The messages in one multipart, from ``frames[first:]``: one, or several when the peer
+    coalesced them (each header says how many frames its message has).  A header that names
+    no message, or a message cut short, ends the split: the rest is one message, which fails
+    to decode (or is refused) as any malformed message does."""
+    messages, start, end = [], first, len(frames)
+    while start < end:
+        header = frames[start]
+        kind = peek_type(header if isinstance(header, bytes) else header.bytes)
+        count = MESSAGE_FRAMES[kind.__name__] if kind is not None else 0
+        if kind is None or start + count > end:
+            count = end - start
+        messages.append(frames[start:start + count])
+        start += count
+    return messages
 
 
 def new_incarnation() -> int:
@@ -62,6 +80,7 @@ class _Runtime:
         self.context = zmq.Context()
         self.counters: Counter[str] = Counter()
         self._outbox: deque[Action] = deque()
+        self._unsent: dict[bytes | None, list[Any]] = {}  # peer -> [messages, their frames] (``_send_control``)
         self._loop_calls: deque[Callable[[], None]] = deque()  # socket work only the I/O thread may do
         self._wakeup = Wakeup()
         # called on the I/O thread for every room that ends (``embxfer.adapters.aio``)
@@ -111,6 +130,7 @@ class _Runtime:
                 while self._outbox:
                     action = self._outbox.popleft()
                     self._guarded(lambda: self._run([action]))
+                self._flush_control()
                 self.changed.notify_all()
 
     def _receive_all(self) -> None:
@@ -120,7 +140,8 @@ class _Runtime:
             except zmq.Again:
                 return
             frames = [frame.bytes for frame in received] if self.copy_frames else received
-            self._guarded(lambda: self._on_frames(frames))
+            for message in split_messages(frames):
+                self._guarded(lambda: self._on_frames(message))
 
     def _backlog(self) -> bool:
         """Messages received and not yet handled (a runtime that queues them, the encode side)."""
@@ -158,13 +179,34 @@ class _Runtime:
             self._loop_calls.append(call)
         self._wake()
 
-    def _send_control(self, frames: list[bytes]) -> None:
-        """Send without ever blocking the I/O thread: a peer that is gone or too slow to take
-        its messages loses them (counted), and the protocol's timers deal with the rest."""
+    def _send_control(self, frames: list[bytes], to: bytes | None = None) -> None:
+        """Queue one message's frames for the peer ``to`` (a ROUTER's routing id; None: the
+        socket's one peer).  What one pass of the loop has for a peer leaves as one multipart
+        at its end (``_flush_control``): many small rooms cost a few ZeroMQ messages, and one
+        message ready alone leaves as soon as the pass that made it ends."""
+        queued = self._unsent.get(to)
+        if queued is None:
+            self._unsent[to] = [1, frames]
+        else:
+            queued[0] += 1
+            queued[1] += frames
+            if queued[0] >= MAX_COALESCED:
+                self._flush_one(to, self._unsent.pop(to))
+
+    def _flush_control(self) -> None:
+        """Send what is queued, without ever blocking the I/O thread: a peer that is gone or
+        too slow to take its messages loses them (counted), and the protocol's timers deal
+        with the rest."""
+        while self._unsent:
+            to, queued = self._unsent.popitem()
+            self._flush_one(to, queued)
+
+    def _flush_one(self, to: bytes | None, queued: list[Any]) -> None:
+        count, frames = queued
         try:
-            self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            self.socket.send_multipart(frames if to is None else [to, *frames], flags=zmq.NOBLOCK)
         except zmq.Again:
-            self.counters["control_send_dropped"] += 1
+            self.counters["control_send_dropped"] += count
 
     def _wake(self) -> None:
         self._wakeup.wake()
@@ -265,6 +307,7 @@ class _Runtime:
             while self._outbox:
                 action = self._outbox.popleft()
                 self._guarded(lambda: self._run([action]))
+            self._flush_control()
             self._stopping = True
             self.changed.notify_all()
         self._wake()

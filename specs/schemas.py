@@ -68,6 +68,15 @@ MESSAGE_SCHEMAS: Final[dict[str, tuple[int, tuple[tuple[str, str], ...]]]] = {
     )),
 }
 
+# frames of each message on the wire: the header, the fixed fields, one per str and extents field
+MESSAGE_FRAMES: Final[dict[str, int]] = {
+    name: 2 + sum(kind in ("str", "extents") for _, kind in fields) for name, (_, fields) in MESSAGE_SCHEMAS.items()
+}
+# Several messages to one peer may travel as one multipart, one after another (the control
+# plane coalesces what one wake-up has ready for a peer); the reader splits them by each
+# header's frame count.  At most this many in one.
+MAX_COALESCED: Final = 64
+
 # The aux header written with round 0 into the aux record of the allocation's first block,
 # as int64 words in this order.
 AUX_FIELDS: Final = ("version", "room", "total_tokens", "mrope_position_delta", "hidden_size", "dtype_code")
@@ -83,3 +92,4 @@ FORK_RESUME_FIELDS: Final = (
     "room", "endpoint", "dst_port", "session_id", "embedding_indices_str",
     "required_dst_info_num", "sent_tokens", "allocated_tokens",
 )
+

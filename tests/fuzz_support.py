@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from embxfer.adapters import LanguageClient, Poll
+from embxfer.adapters._runtime import split_messages
 from embxfer.adapters.workload import room_data
 from embxfer.core import Register, Registered, Settings, decode, encode
 
@@ -209,10 +210,10 @@ def wait_registered(sock: zmq.Socket, timeout: float, replies: list, register: R
     deadline = time.monotonic() + timeout
     while (remaining := deadline - time.monotonic()) > 0:
         if sock.poll(int(min(remaining, 1.0) * 1000) + 1):
-            message = decode(sock.recv_multipart())
-            if isinstance(message, Registered):
-                return message
-            replies.append(message)
+            for message in map(decode, split_messages(sock.recv_multipart())):  # (replies may come coalesced)
+                if isinstance(message, Registered):
+                    return message
+                replies.append(message)
         elif register is not None:
             sock.send_multipart(encode(register))
     raise AssertionError(f"no Registered within {timeout} s: the encode side's I/O thread is not answering")

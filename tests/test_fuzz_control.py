@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 from embxfer.adapters import LanguageClient
 from embxfer.adapters._encode import MAX_CONTROL_FRAME, REFUSED_UNREAD
+from embxfer.adapters._runtime import split_messages
 from embxfer.core import decode, encode
 
 from fuzz_support import encode_process, live_client, zmq_context  # noqa: F401  (pytest fixtures)
@@ -85,9 +86,9 @@ def fuzz_while_live_rooms_run(encode_process: EncodeProcess, live_client: Langua
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                replies.append(decode(frames))  # whatever the encode side says decodes
+                replies.extend(decode(part) for part in split_messages(frames))  # whatever the encode side says decodes
 
-    def send(sock: zmq.Socket, frames: list[bytes], kind: str) -> None:
+    def send(sock: zmq.Socket, frames: list[bytes], kinds: list[str]) -> None:
         size = sum(len(f) for f in frames)
         if max(len(f) for f in frames) > MAX_CONTROL_FRAME:
             # ZeroMQ drops the connection that sends it (nothing reaches the decoder, nothing is
@@ -95,10 +96,10 @@ def fuzz_while_live_rooms_run(encode_process: EncodeProcess, live_client: Langua
             oversized = dealer(zmq_context, encode_process.addr)
             oversized.send_multipart(frames, copy=False)
             dropped.append(oversized)
-            kind = "oversized"
+            kinds = ["oversized"]
         else:
             sock.send_multipart(frames, copy=size < 65536)
-        decoded[kind] += 1
+        decoded.update(kinds)
         counts["inputs"] += 1
         counts["bytes"] += size
         if size >= 1 << 16 or len(frames) >= 100:
@@ -117,11 +118,13 @@ def fuzz_while_live_rooms_run(encode_process: EncodeProcess, live_client: Langua
             counts["fresh_sockets"] += 1
         for index, group in batch:
             for frames in group:
-                kind, named = classify(frames)
-                if kind == "impersonation":
+                # the encode side splits a multipart into the messages its headers announce
+                parts = [classify(part) for part in split_messages(frames)]
+                if any(kind == "impersonation" for kind, _ in parts):
                     counts["filtered"] += 1
                     continue
-                send(sockets[index if named is None else named % FUZZ_SOCKETS], frames, kind)
+                named = next((rank for _, rank in parts if rank is not None), None)
+                send(sockets[index if named is None else named % FUZZ_SOCKETS], frames, [kind for kind, _ in parts])
         counts["examples"] += 1
         drain()
         assert encode_process.alive(), encode_process.stderr()
@@ -141,7 +144,7 @@ def fuzz_while_live_rooms_run(encode_process: EncodeProcess, live_client: Langua
     # the largest valid Init (MAX_EXTENTS extents), a few times: the costliest input to decode
     stalled = time.monotonic()
     for i in range(3):
-        send(sockets[1], max_init(FUZZ_ROOM_MIN + 100 + i, 1), "Init")
+        send(sockets[1], max_init(FUZZ_ROOM_MIN + 100 + i, 1), ["Init"])
     # an answer to a Register is the barrier: accepted, or refused where a fuzzed Register
     # (another incarnation) holds the rank and is still alive
     sockets[1].send_multipart(encode(registration(99)))

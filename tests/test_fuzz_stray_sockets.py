@@ -10,6 +10,7 @@ import zmq
 
 from embxfer.adapters import Poll
 from embxfer.adapters.workload import room_data
+from embxfer.adapters._runtime import split_messages
 from embxfer.core import Abort, Heartbeat, PoolLayout, decode, encode
 
 from fuzz_support import encode_process, live_client, zmq_context  # noqa: F401  (pytest fixtures)
@@ -46,11 +47,12 @@ def test_a_stray_socket_naming_the_live_rank_does_not_hijack_its_rooms(encode_pr
         if stray.poll(2):  # a bounded wait for replies between looks at the rooms
             while True:
                 try:
-                    message = decode(stray.recv_multipart(zmq.NOBLOCK))
+                    messages = [decode(part) for part in split_messages(stray.recv_multipart(zmq.NOBLOCK))]
                 except zmq.Again:
                     break
-                if getattr(message, "room", None) in rooms or (isinstance(message, Heartbeat) and message.rank == LIVE_RANK):
-                    hijacked.append(message)  # the encode side meant it for the live client
+                for message in messages:
+                    if getattr(message, "room", None) in rooms or (isinstance(message, Heartbeat) and message.rank == LIVE_RANK):
+                        hijacked.append(message)  # the encode side meant it for the live client
     assert hijacked == [], f"a stray socket received the live client's messages, e.g. {hijacked[:3]}"
     for room in rooms:
         assert live_client.poll(room) == Poll.Success, live_client.failure(room)

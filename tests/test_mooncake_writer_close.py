@@ -76,17 +76,19 @@ def test_close_cancels_what_has_not_started_and_abandons_only_the_stuck_writes()
 
 
 class RecordingEngine(StuckEngine):
-    """Blocks like ``StuckEngine``, records each call's ranges and answers ``rc``."""
+    """Blocks like ``StuckEngine``, records each call's ranges and answers ``rc`` (to calls of
+    at least ``failing_ranges`` ranges: a merged call meeting a broken lane)."""
 
-    def __init__(self, rc: int = 0) -> None:
+    def __init__(self, rc: int = 0, failing_ranges: int = 0) -> None:
         super().__init__()
         self.rc = rc
+        self.failing_ranges = failing_ranges
         self.calls: list[tuple[list[int], list[int], list[int]]] = []
 
     def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
         super().write(target, local, remote, lengths)
         self.calls.append((list(local), list(remote), list(lengths)))
-        return self.rc
+        return self.rc if len(local) >= self.failing_ranges else 0
 
 
 def queue_behind_stuck_writes(engine: RecordingEngine, extra: int) -> tuple[BatchWriter, list, threading.Event]:  # type: ignore[type-arg]
@@ -124,6 +126,16 @@ def test_writes_queued_to_one_peer_go_as_one_engine_call_with_every_range() -> N
     assert sorted(merged_remote[0::3]) == [LAYOUT.embeddings_addr + 4 * room * row for room in range(PEER_WRITES, PEER_WRITES + 5)]
 
 
+def test_a_merged_call_that_fails_at_once_is_tried_again_round_by_round() -> None:
+    engine = RecordingEngine(rc=-1, failing_ranges=2 * 3)  # only calls carrying several rounds fail
+    writer, done, all_done = queue_behind_stuck_writes(engine, 4)
+    engine.release.set()
+    assert all_done.wait(10)
+    writer.close()
+    assert sorted(done) == [(room, None) for room in range(PEER_WRITES + 4)]  # each round written on its own
+    assert sorted(len(call[1]) for call in engine.calls) == [3] * (PEER_WRITES + 4) + [4 * 3]  # merged, then each
+
+
 def test_a_failed_merged_call_fails_each_of_its_rounds_and_a_cancelled_one_is_not_written() -> None:
     engine = RecordingEngine(rc=-1)
     writer, done, all_done = queue_behind_stuck_writes(engine, 4)
@@ -134,4 +146,5 @@ def test_a_failed_merged_call_fails_each_of_its_rounds_and_a_cancelled_one_is_no
     errors = dict(done)
     assert errors[PEER_WRITES + 1] == "cancelled before it started (the room had failed)"
     assert all(errors[room] == "stuck engine returned -1" for room in range(PEER_WRITES + 4) if room != PEER_WRITES + 1)
-    assert max(len(call[1]) for call in engine.calls) == 3 * 3  # the three live rounds only
+    assert max(len(call[1]) for call in engine.calls) == 3 * 3  # the three live rounds only, then each alone
+    assert sorted(len(call[1]) for call in engine.calls) == [3] * (PEER_WRITES + 3) + [9]

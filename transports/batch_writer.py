@@ -35,6 +35,7 @@ SMALL_ROOM_BYTES = 1 << 20  # rooms up to this size are copied into the arena, n
 PEER_WRITES = 3  # writes in flight to one peer
 MERGED_ENTRIES = 1024  # ranges in one engine call made of several rounds' writes (a round alone may have more)
 CANCELLED = "cancelled before it started (the room had failed)"
+SPLIT_AFTER_FAILURE = 1.0  # s: a merged write failing faster than this is tried again round by round
 _AUX_RECORD = struct.Struct(f"<{AUX_WORDS}q")  # one aux record, as the pool's int64 words
 
 
@@ -231,17 +232,24 @@ class BatchWriter:
             live = [pending for pending in group if not (self._closing or pending.write.room in self._cancelled)]
             self._writes_cancelled += len(group) - len(live)
             self._in_engine += len(live)
-        error: str | None = None
+        errors: dict[int, str | None] = {id(pending): CANCELLED for pending in group}
         if live:
             try:
+                started = time.monotonic()
                 error = self._engine_write(engine, target, _merged([pending.batch for pending in live]))
+                if error is not None and len(live) > 1 and time.monotonic() - started < SPLIT_AFTER_FAILURE:
+                    # a quick failure (one broken lane, not a peer that does not answer) must
+                    # not fail every round merged with it: each goes again on its own
+                    errors.update((id(pending), self._engine_write(engine, target, pending.batch)) for pending in live)
+                else:
+                    errors.update((id(pending), error) for pending in live)
             finally:
                 with self._target_lock:
                     self._in_engine -= len(live)
                     self._idle.notify_all()
         try:
             for pending in group:
-                pending.on_done(pending.write, error if pending in live else CANCELLED)
+                pending.on_done(pending.write, errors[id(pending)])
         finally:
             if chain:
                 self._next_for(target)
@@ -262,14 +270,15 @@ class BatchWriter:
         """A write to ``target`` ended: the writes waiting for it go now, as one batch (many
         small rooms to one peer cost one engine call, not one each)."""
         with self._target_lock:
-            engine, waiting = self._target_queues.get(target, (None, None))
+            engine, waiting = self._target_queues.get(target, (self.engine, deque()))
             if not waiting:
                 self._target_queues.pop(target, None)
                 self._target_running[target] -= 1
                 if not self._target_running[target]:
                     del self._target_running[target]
                 return
-            group, entries = [], 0
+            group: list[_Pending] = []
+            entries = 0
             while waiting and (not group or entries + len(waiting[0].batch[0]) <= MERGED_ENTRIES):
                 group.append(waiting.popleft())
                 entries += len(group[-1].batch[0])

@@ -168,27 +168,34 @@ class Allocator:
         if index < len(counts):
             # one piece keeps a round to one coalesced write: the smallest extent that fits
             count = counts[index]
-            starts = self._free_by_count[count]
+            by_count = self._free_by_count
+            starts = by_count[count]
             start = next(iter(starts))
             if count == num_blocks:
                 self._remove_free(start, count)
             else:  # the extent shrinks from its front: its end stays, so does its end entry
                 del starts[start]
                 if not starts:
-                    del self._free_by_count[count]
+                    del by_count[count]
                     del counts[index]
                 rest, rest_start = count - num_blocks, start + num_blocks
                 by_start = self._free_by_start
                 del by_start[start]
                 by_start[rest_start] = rest
                 self._free_by_end[rest_start + rest] = rest_start
-                rest_starts = self._free_by_count.get(rest)
+                rest_starts = by_count.get(rest)
                 if rest_starts is None:
-                    self._free_by_count[rest] = {rest_start: None}
+                    by_count[rest] = {rest_start: None}
                     bisect.insort(counts, rest)
                 else:
                     rest_starts[rest_start] = None
             extents = ((start, num_blocks),)
+            serial = next(self._serial)
+            owners = self._block_owner
+            end = start + num_blocks
+            if owners[start:end].count(None) != num_blocks:
+                raise AssertionError(f"a block of {start}..{end - 1} handed out twice")
+            owners[start:end] = [serial] * num_blocks
         else:
             # no single extent fits: take whole extents, lowest address first
             taken: list[Extent] = []
@@ -203,14 +210,14 @@ class Allocator:
                 if not needed:
                     break
             extents = tuple(taken)
+            serial = next(self._serial)
+            owners = self._block_owner
+            for start, count in extents:
+                if owners[start:start + count].count(None) != count:
+                    raise AssertionError(f"a block of {start}..{start + count - 1} handed out twice")
+                owners[start:start + count] = [serial] * count
         self._free_count -= num_blocks
-        serial = next(self._serial)
         allocation = Allocation(serial, self.id, extents, self.block_size, owner, num_blocks)
-        owners = self._block_owner
-        for start, count in extents:
-            if owners[start:start + count].count(None) != count:
-                raise AssertionError(f"a block of {start}..{start + count - 1} handed out twice")
-            owners[start:start + count] = [serial] * count
         self._live[serial] = allocation
         self.allocations_made += 1
         return allocation
@@ -219,9 +226,10 @@ class Allocator:
         """Return the blocks.  A second free, or an allocation from elsewhere, raises."""
         if allocation.allocator_id != self.id:
             raise AllocatorError(f"allocation {allocation.id} belongs to another allocator", field="allocation")
-        if self._live.get(allocation.id) is not allocation:
+        live = self._live
+        if live.get(allocation.id) is not allocation:
             raise AllocatorError(f"allocation {allocation.id} is not live: freed twice", field="allocation")
-        del self._live[allocation.id]
+        del live[allocation.id]
         owners = self._block_owner
         for start, count in allocation.extents:
             owners[start:start + count] = [None] * count
@@ -231,12 +239,13 @@ class Allocator:
 
     def _insert_free(self, start: int, count: int) -> None:
         """Give an extent back, merged with the free extents it touches."""
+        by_start = self._free_by_start
         before = self._free_by_end.get(start)
         if before is not None:
-            before_count = self._free_by_start[before]
+            before_count = by_start[before]
             self._remove_free(before, before_count)
             start, count = before, before_count + count
-        after_count = self._free_by_start.get(start + count)
+        after_count = by_start.get(start + count)
         if after_count is not None:
             self._remove_free(start + count, after_count)
             count += after_count

@@ -8,9 +8,12 @@ another exception type.
 
 from __future__ import annotations
 
+import operator
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import attrs
 
 from embxfer.specs.schemas import MAGIC, MAX_EXTENTS, MAX_STR_BYTES, MESSAGE_SCHEMAS, VERSION
 
@@ -23,7 +26,8 @@ _EXTENT = struct.Struct(">II")
 
 
 class _Layout:
-    __slots__ = ("name", "cls", "tag", "fields", "fixed", "fixed_names", "str_names", "extent_names", "frames")
+    __slots__ = ("name", "cls", "tag", "fields", "fixed", "fixed_names", "str_names", "extent_names", "frames",
+                 "header", "fixed_values", "fast")
 
     def __init__(self, name: str, tag: int, fields: tuple[tuple[str, str], ...]) -> None:
         self.name = name
@@ -35,20 +39,39 @@ class _Layout:
         self.str_names = tuple(f for f, kind in fields if kind == "str")
         self.extent_names = tuple(f for f, kind in fields if kind == "extents")
         self.frames = 2 + len(self.str_names) + len(self.extent_names)
+        self.header = _HEADER.pack(MAGIC, VERSION, tag)
+        getter = operator.attrgetter(*self.fixed_names)
+        # the fixed fields' values as a tuple, whatever their number
+        self.fixed_values: Callable[[Any], tuple[Any, ...]] = (
+            getter if len(self.fixed_names) > 1 else lambda message: (getter(message),))
+        # decode's fast path: no string field, at most one extents field (frame 2), and the
+        # class takes its fields in wire order, so they are passed positionally
+        wire_order = self.fixed_names + self.str_names + self.extent_names
+        self.fast = (not self.str_names and len(self.extent_names) <= 1
+                     and tuple(field.name for field in attrs.fields(self.cls)) == wire_order)
 
 
 _BY_NAME = {name: _Layout(name, tag, fields) for name, (tag, fields) in MESSAGE_SCHEMAS.items()}
 _BY_TAG = {layout.tag: layout for layout in _BY_NAME.values()}
+_BY_TYPE = {layout.cls: layout for layout in _BY_NAME.values()}
+# a valid header frame -> its layout: one lookup checks magic, version and tag at once
+_BY_HEADER = {layout.header: layout for layout in _BY_NAME.values()}
 
 
 def encode(message: Message) -> list[bytes]:
-    layout = _BY_NAME[type(message).__name__]
-    frames = [_HEADER.pack(MAGIC, VERSION, layout.tag)]
-    frames.append(layout.fixed.pack(*(getattr(message, name) for name in layout.fixed_names)))
+    layout = _BY_TYPE.get(type(message))
+    if layout is None:
+        layout = _BY_NAME[type(message).__name__]
+    frames = [layout.header, layout.fixed.pack(*layout.fixed_values(message))]
     for name in layout.str_names:
         frames.append(getattr(message, name).encode("utf-8"))
     for name in layout.extent_names:
-        frames.append(b"".join(_EXTENT.pack(start, count) for start, count in getattr(message, name)))
+        extents = getattr(message, name)
+        if len(extents) == 1:  # the common case: one coalesced extent
+            start, count = extents[0]
+            frames.append(_EXTENT.pack(start, count))
+        else:
+            frames.append(b"".join(_EXTENT.pack(start, count) for start, count in extents))
     return frames
 
 
@@ -65,6 +88,37 @@ def peek_type(header: bytes) -> type | None:
 def decode(frames: Sequence[Any]) -> Message:
     """Decode one multipart message.  The codec checks what the wire can carry; whether a
     peer's values suit us (block size, hidden size, ...) is the core's to judge."""
+    # Fast path: every frame ``bytes``, a known header, the layout's frame count and fixed
+    # size, no string field, well-formed extents.  It makes the same checks as
+    # ``_decode_checked`` (the message class validates every value either way); anything
+    # irregular goes there, which names what is wrong.
+    if type(frames) is list or type(frames) is tuple:
+        header = frames[0] if frames else None
+        layout = _BY_HEADER.get(header) if type(header) is bytes else None
+        if layout is not None and layout.fast and len(frames) == layout.frames:
+            fixed = frames[1]
+            if type(fixed) is bytes and len(fixed) == layout.fixed.size:
+                values = layout.fixed.unpack(fixed)
+                if layout.extent_names:
+                    raw = frames[2]
+                    if type(raw) is not bytes:
+                        return _decode_checked(frames)
+                    size = len(raw)
+                    if size == _EXTENT.size:
+                        values += ((_EXTENT.unpack(raw),),)
+                    elif size and not size % _EXTENT.size and size // _EXTENT.size <= MAX_EXTENTS:
+                        values += (tuple(_EXTENT.iter_unpack(raw)),)
+                    else:
+                        return _decode_checked(frames)
+                try:
+                    return layout.cls(*values)  # type: ignore[no-any-return]
+                except InvalidField as error:
+                    raise DecodeError(f"{layout.name}.{error.field}", error.problem) from None
+    return _decode_checked(frames)
+
+
+def _decode_checked(frames: Sequence[Any]) -> Message:
+    """``decode``, every step checked in order: the first problem raises its ``DecodeError``."""
     if not isinstance(frames, (list, tuple)):
         raise DecodeError("frames", f"expected a list of frames, got {type(frames).__name__}")
     if not frames:

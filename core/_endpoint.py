@@ -156,14 +156,19 @@ class Endpoint:
     # -- stepping rooms ----------------------------------------------------------------
     def _step(self, record: Any, trigger: str, now: float, actions: list[Action]) -> bool:
         """Apply a trigger; an illegal one fails the room.  False when the room failed."""
-        try:
-            state = self._machine.fire(record.state, trigger)
-        except IllegalTransition as error:
-            if record.state in TERMINAL_STATES:
-                raise
-            self._fail(record, FAIL, str(error), now, actions)
-            return False
-        if state != record.state or state == TRANSFERRING:
+        old = record.state
+        # ``RoomMachine.fire``'s lookup, inlined (this is the hot path): the moves compiled
+        # from the ``transitions`` machine; a pair missing there is illegal
+        state = self._machine.moves.get((old, trigger))
+        if state is None:
+            try:
+                state = self._machine.fire(old, trigger)
+            except IllegalTransition as error:
+                if old in TERMINAL_STATES:
+                    raise
+                self._fail(record, FAIL, str(error), now, actions)
+                return False
+        if state != old or state == TRANSFERRING:
             # a new phase, or progress while transferring, restarts the state's clock
             record.state = state
             if state in TERMINAL_STATES:
@@ -172,8 +177,8 @@ class Endpoint:
                 if self._next_sweep is None:
                     self._next_sweep = now + self.settings.retention_timeout / 4
             else:
-                record.deadline = now + self._timeouts[state]
-                self._deadlines.set(record.room, record.deadline)
+                deadline = record.deadline = now + self._timeouts[state]
+                self._deadlines.set(record.room, deadline)
         return True
 
     def _expire_rooms(self, now: float, actions: list[Action]) -> None:

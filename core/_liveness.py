@@ -98,7 +98,8 @@ class Liveness:
         peer = self.peers.get(key)
         if peer is None:
             return False
-        peer.heard = max(peer.heard, now)
+        if now > peer.heard:
+            peer.heard = now
         peer.spoke = True
         if peer.disconnected and now - peer.disconnected_at > RECONNECTED_AFTER:
             # it speaks again: reconnected under its routing id (what it sent just before

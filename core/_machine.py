@@ -44,6 +44,7 @@ class RoomMachine:
             ignore_invalid_triggers=False,
         )
         self._moves: dict[tuple[str, str], str] = {}
+        self.moves = self._moves  # read-only for the endpoints' inlined ``fire``
         for trigger, event in self.machine.events.items():
             for source, transitions in event.transitions.items():
                 if len(transitions) != 1:

@@ -88,13 +88,38 @@ U64 = _int_in(0, U64_MAX)
 I64 = _int_in(I64_MIN, I64_MAX)
 
 
+def _validate_fields(instance: Any, checks: dict[str, Any]) -> None:
+    """Each field's validator, in field order: the first bad field raises its ``InvalidField``.
+
+    The hot message classes below carry no attrs validators: their ``__attrs_post_init__``
+    tests every field at once, inline, and only when that test fails runs these (so a bad
+    value is named exactly as a per-field validator names it).  The inline test accepts a
+    subset of what these accept, never more."""
+    for attribute in attrs.fields(type(instance)):
+        check = checks.get(attribute.name)
+        if check is not None:
+            check(instance, attribute, getattr(instance, attribute.name))
+
+
+def _one_extent(value: Any) -> bool:
+    """``value`` is one extent ``((start, count),)`` that ``_extents`` accepts (the common case)."""
+    if type(value) is tuple and len(value) == 1:
+        extent = value[0]
+        if type(extent) is tuple and len(extent) == 2:
+            start, count = extent
+            return type(start) is int and type(count) is int and start >= 0 and count >= 1 and start + count <= U32_MAX
+    return False
+
+
 def _blocks(extents: tuple[tuple[int, int], ...]) -> int:
+    if len(extents) == 1:
+        return extents[0][1]
     return sum(count for _, count in extents)
 
 
 def check_capacity(allocated_tokens: int, extents: tuple[tuple[int, int], ...], block_size: int) -> None:
     """``allocated_tokens`` must fill the last block at least partly and overflow none."""
-    blocks = _blocks(extents)
+    blocks = extents[0][1] if len(extents) == 1 else _blocks(extents)
     if not (blocks - 1) * block_size < allocated_tokens <= blocks * block_size:
         raise InvalidField(
             "allocated_tokens",
@@ -134,31 +159,48 @@ class Register:
 
 @attrs.frozen
 class Init:
-    room: int = attrs.field(validator=U64)
-    rank: int = attrs.field(validator=U32)
-    required_dst_info_num: int = attrs.field(validator=U32)
-    block_size: int = attrs.field(validator=U32)
-    allocated_tokens: int = attrs.field(validator=U32)
-    extents: tuple[tuple[int, int], ...] = attrs.field(validator=_extents)
+    room: int  # u64 (each field's check: _INIT_CHECKS)
+    rank: int  # u32
+    required_dst_info_num: int  # u32
+    block_size: int  # u32
+    allocated_tokens: int  # u32
+    extents: tuple[tuple[int, int], ...]
 
     round = 0
     sent_tokens = 0
 
     def __attrs_post_init__(self) -> None:
-        _check_destination(self.rank, self.required_dst_info_num, self.block_size)
-        check_capacity(self.allocated_tokens, self.extents, self.block_size)
+        room, rank, required, block_size = self.room, self.rank, self.required_dst_info_num, self.block_size
+        allocated, extents = self.allocated_tokens, self.extents
+        if not (
+            type(room) is int and 0 <= room <= U64_MAX and type(rank) is int and 0 <= rank <= U32_MAX
+            and type(required) is int and 0 <= required <= U32_MAX
+            and type(block_size) is int and 0 <= block_size <= U32_MAX
+            and type(allocated) is int and 0 <= allocated <= U32_MAX and _one_extent(extents)
+        ):
+            _validate_fields(self, _INIT_CHECKS)
+        if not (required >= 1 and rank < required and block_size >= 1):
+            _check_destination(rank, required, block_size)
+        check_capacity(allocated, extents, block_size)
 
 
 @attrs.frozen
 class Resume:
-    room: int = attrs.field(validator=U64)
-    rank: int = attrs.field(validator=U32)
-    round: int = attrs.field(validator=U32)
-    sent_tokens: int = attrs.field(validator=U32)
-    allocated_tokens: int = attrs.field(validator=U32)
-    extents: tuple[tuple[int, int], ...] = attrs.field(validator=_extents)
+    room: int  # u64 (each field's check: _RESUME_CHECKS)
+    rank: int  # u32
+    round: int  # u32
+    sent_tokens: int  # u32
+    allocated_tokens: int  # u32
+    extents: tuple[tuple[int, int], ...]
 
     def __attrs_post_init__(self) -> None:
+        room, rank, round_, sent, allocated = self.room, self.rank, self.round, self.sent_tokens, self.allocated_tokens
+        if not (
+            type(room) is int and 0 <= room <= U64_MAX and type(rank) is int and 0 <= rank <= U32_MAX
+            and type(round_) is int and 0 <= round_ <= U32_MAX and type(sent) is int and 0 <= sent <= U32_MAX
+            and type(allocated) is int and 0 <= allocated <= U32_MAX and _one_extent(self.extents)
+        ):
+            _validate_fields(self, _RESUME_CHECKS)
         if self.round < 1:
             raise InvalidField("round", "a resume starts at round 1")
         if self.sent_tokens < 1:
@@ -169,16 +211,23 @@ class Resume:
 
 @attrs.frozen
 class Status:
-    room: int = attrs.field(validator=U64)
-    rank: int = attrs.field(validator=U32)
-    round: int = attrs.field(validator=U32)
-    sent_tokens: int = attrs.field(validator=U32)
-    written_tokens: int = attrs.field(validator=U32)
+    room: int  # u64 (each field's check: _STATUS_CHECKS)
+    rank: int  # u32
+    round: int  # u32
+    sent_tokens: int  # u32
+    written_tokens: int  # u32
 
     def __attrs_post_init__(self) -> None:
-        if self.written_tokens < 1:
+        room, rank, round_, sent, written = self.room, self.rank, self.round, self.sent_tokens, self.written_tokens
+        if not (
+            type(room) is int and 0 <= room <= U64_MAX and type(rank) is int and 0 <= rank <= U32_MAX
+            and type(round_) is int and 0 <= round_ <= U32_MAX and type(sent) is int and 0 <= sent <= U32_MAX
+            and type(written) is int and 0 <= written <= U32_MAX
+        ):
+            _validate_fields(self, _STATUS_CHECKS)
+        if written < 1:
             raise InvalidField("written_tokens", "a round writes at least one token")
-        if self.sent_tokens + self.written_tokens > U32_MAX:
+        if sent + written > U32_MAX:
             raise InvalidField("written_tokens", "sent_tokens + written_tokens overflows")
 
 
@@ -220,6 +269,13 @@ class Registered:
     reason: str = attrs.field(validator=_text)
 
 
+# the per-field checks of the classes that test their fields inline (``_validate_fields``)
+_INIT_CHECKS = {"room": U64, "rank": U32, "required_dst_info_num": U32, "block_size": U32, "allocated_tokens": U32,
+                "extents": _extents}
+_RESUME_CHECKS = {"room": U64, "rank": U32, "round": U32, "sent_tokens": U32, "allocated_tokens": U32,
+                  "extents": _extents}
+_STATUS_CHECKS = {"room": U64, "rank": U32, "round": U32, "sent_tokens": U32, "written_tokens": U32}
+
 Message = Union[Register, Init, Resume, Status, Abort, AbortAck, Heartbeat, PoolLayout, Registered]
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
@@ -229,23 +285,31 @@ MESSAGE_TYPES: dict[str, type] = {
 _CODE_TO_DTYPE = {code: name for name, code in DTYPE_CODES.items()}
 
 
+def _dtype(instance: Any, attribute: Any, value: Any) -> None:
+    if value not in DTYPE_CODES:
+        raise InvalidField("dtype", f"unknown dtype {value!r}")
+
+
 @attrs.frozen
 class AuxHeader:
     """Per-room header written with round 0; the receiver keeps it for every later round."""
 
-    room: int = attrs.field(validator=U64)
-    total_tokens: int = attrs.field(validator=U32)
-    mrope_position_delta: int = attrs.field(validator=I64)
-    hidden_size: int = attrs.field(validator=U32)
-    dtype: str = attrs.field()
-    version: int = attrs.field(default=1, validator=U32)
-
-    @dtype.validator
-    def _check_dtype(self, attribute: Any, value: Any) -> None:
-        if value not in DTYPE_CODES:
-            raise InvalidField("dtype", f"unknown dtype {value!r}")
+    room: int  # u64 (each field's check: _AUX_CHECKS)
+    total_tokens: int  # u32
+    mrope_position_delta: int  # i64
+    hidden_size: int  # u32
+    dtype: str  # a name of DTYPE_CODES
+    version: int = 1  # u32
 
     def __attrs_post_init__(self) -> None:
+        room, total, delta, hidden, dtype, version = (
+            self.room, self.total_tokens, self.mrope_position_delta, self.hidden_size, self.dtype, self.version)
+        if not (
+            type(room) is int and 0 <= room <= U64_MAX and type(total) is int and 0 <= total <= U32_MAX
+            and type(delta) is int and I64_MIN <= delta <= I64_MAX and type(hidden) is int and 0 <= hidden <= U32_MAX
+            and type(dtype) is str and dtype in DTYPE_CODES and type(version) is int and 0 <= version <= U32_MAX
+        ):
+            _validate_fields(self, _AUX_CHECKS)
         if self.total_tokens < 1:
             raise InvalidField("total_tokens", "a room carries at least one token")
 
@@ -295,3 +359,7 @@ class AuxHeader:
             )
         except InvalidField as error:
             raise DecodeError(f"aux.{error.field}", error.problem) from None
+
+
+_AUX_CHECKS = {"room": U64, "total_tokens": U32, "mrope_position_delta": I64, "hidden_size": U32, "dtype": _dtype,
+               "version": U32}

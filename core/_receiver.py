@@ -35,6 +35,10 @@ from ._settings import Settings
 from ._timers import Deadlines
 
 
+# the counter of successful rooms by their resumes, named once (``_succeeded``)
+_RESUME_ROUNDS_KEYS = tuple(f"resume_rounds:{resumes}" for resumes in range(64))
+
+
 @attrs.define(slots=True)
 class _ReceiverRoom:
     room: int
@@ -340,13 +344,15 @@ class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
 
     def _succeeded(self, record: _ReceiverRoom, now: float, actions: list[Action]) -> None:
         assert record.aux is not None
-        self.stats["rooms_succeeded"] += 1
-        self.stats[f"resume_rounds:{record.rounds - 1}"] += 1
+        stats = self.stats
+        stats["rooms_succeeded"] += 1
+        resumes = record.rounds - 1
+        stats[_RESUME_ROUNDS_KEYS[resumes] if 0 <= resumes < len(_RESUME_ROUNDS_KEYS) else f"resume_rounds:{resumes}"] += 1
         histograms = self.histograms
         histograms["transfer_seconds"].observe(now - record.started)
-        histograms["resume_rounds"].observe(record.rounds - 1)
+        histograms["resume_rounds"].observe(resumes)
         histograms["room_tokens"].observe(record.aux.total_tokens)
-        actions.append(RoomFinished(record.room, Poll.Success, round=record.round))
+        actions.append(RoomFinished(record.room, Poll.Success, "", record.round))
 
     def _on_abort(self, message: Abort, now: float) -> list[Action]:
         actions: list[Action] = []

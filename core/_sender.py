@@ -404,13 +404,15 @@ class Sender(ReceiverRanks, Endpoint):
         histograms = self.histograms
         histograms["transfer_seconds"].observe(now - record.started)
         last_round = 0
+        resume_rounds = histograms["resume_rounds"]
         for dest in record.destinations.values():
-            histograms["resume_rounds"].observe(dest.round)
-            last_round = max(last_round, dest.round)
+            resume_rounds.observe(dest.round)
+            if dest.round > last_round:
+                last_round = dest.round
         histograms["room_tokens"].observe(record.aux.total_tokens)
         self._unname_extents(record)
         self._release_source_when_idle(record, actions)
-        actions.append(RoomFinished(record.room, Poll.Success, round=last_round))
+        actions.append(RoomFinished(record.room, Poll.Success, "", last_round))
 
     def _release_source_when_idle(self, record: _SenderRoom, actions: list[Action]) -> None:
         """Release the source rows once, and only when no write still reads them."""

@@ -19,8 +19,8 @@ from typing import Any
 
 import zmq
 
-from embxfer.core import Action, DecodeError, Poll, RoomFinished, Settings, peek_type
-from embxfer.specs.schemas import MAX_COALESCED, MESSAGE_FRAMES
+from embxfer.core import Action, DecodeError, Poll, RoomFinished, Settings, split_messages
+from embxfer.specs.schemas import MAX_COALESCED
 from embxfer.transports.wakeup import Wakeup
 
 from ._failure_log import FailureLog
@@ -40,23 +40,6 @@ def recv_frames(socket: zmq.Socket) -> list[zmq.Frame]:
         frame = socket.recv(zmq.NOBLOCK, copy=False)
         frames.append(frame)
     return frames
-
-
-def split_messages(frames: list[Any], first: int = 0) -> list[list[Any]]:
-    """The messages in one multipart, from ``frames[first:]``: one, or several when the peer
-    coalesced them (each header says how many frames its message has).  A header that names
-    no message, or a message cut short, ends the split: the rest is one message, which fails
-    to decode (or is refused) as any malformed message does."""
-    messages, start, end = [], first, len(frames)
-    while start < end:
-        header = frames[start]
-        kind = peek_type(header if isinstance(header, bytes) else header.bytes)
-        count = MESSAGE_FRAMES[kind.__name__] if kind is not None else 0
-        if kind is None or start + count > end:
-            count = end - start
-        messages.append(frames[start:start + count])
-        start += count
-    return messages
 
 
 def new_incarnation() -> int:

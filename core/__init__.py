@@ -12,7 +12,7 @@ from ._actions import (
     WriteRows,
 )
 from ._allocator import Allocation, Allocator
-from ._codec import decode, encode, peek_type
+from ._codec import decode, encode, peek_type, split_messages
 from ._endpoint import check_room
 from ._errors import (
     AllocatorError,
@@ -42,7 +42,7 @@ __all__ = [
     "Message", "Register", "Registered", "Init", "Resume", "Status", "Abort", "AbortAck", "Heartbeat",
     "PoolLayout", "AuxHeader",
     # codecs
-    "encode", "decode", "peek_type", "fork_encode", "fork_decode", "fork_to_native", "native_to_fork", "ForkInit", "ForkResume",
+    "encode", "decode", "peek_type", "split_messages", "fork_encode", "fork_decode", "fork_to_native", "native_to_fork", "ForkInit", "ForkResume",
     # settings and errors
     "Settings", "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "DecodeError", "BlockSizeMismatch",
     "InvalidField", "IllegalTransition", "SettingsError", "AllocatorError", "RoomFailedError",

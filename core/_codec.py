@@ -1,6 +1,7 @@
 """Native codec: tagged, versioned multipart frames, driven by ``specs.schemas``.
 
-``encode(message) -> list[bytes]`` and ``decode(frames) -> Message``.  Decoding checks
+``encode(message) -> list[bytes]`` and ``decode(frames) -> Message``; ``split_messages``
+cuts a multipart carrying several messages (coalesced by the sender) into each.  Decoding checks
 every frame's count and length, every field's kind and range and the cross-field rules of
 the message classes; anything wrong raises ``DecodeError`` naming the field — never
 another exception type.
@@ -78,11 +79,30 @@ def encode(message: Message) -> list[bytes]:
 def peek_type(header: bytes) -> type | None:
     """The message class a header frame announces, without decoding the rest (None: not a
     valid header): lets a driver refuse, unread, what it would refuse decoded."""
+    layout = _layout_of(header)
+    return layout.cls if layout is not None else None
+
+
+def _layout_of(header: bytes) -> _Layout | None:
     if len(header) != _HEADER.size:
         return None
     magic, version, tag = _HEADER.unpack(header)
-    layout = _BY_TAG.get(tag) if magic == MAGIC and version == VERSION else None
-    return layout.cls if layout is not None else None
+    return _BY_TAG.get(tag) if magic == MAGIC and version == VERSION else None
+
+
+def split_messages(frames: list[Any], first: int = 0) -> list[list[Any]]:
+    """The messages in one multipart, from ``frames[first:]``: one, or several when the peer
+    coalesced them (each header says how many frames its message has).  A header that names
+    no message, or a message cut short, ends the split: the rest is one message, which fails
+    to decode (or is refused) as any malformed message does."""
+    messages, start, end = [], first, len(frames)
+    while start < end:
+        header = frames[start]
+        layout = _layout_of(header if isinstance(header, bytes) else getattr(header, "bytes", b""))
+        count = layout.frames if layout is not None and start + layout.frames <= end else end - start
+        messages.append(frames[start:start + count])
+        start += count
+    return messages
 
 
 def decode(frames: Sequence[Any]) -> Message:

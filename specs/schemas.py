@@ -68,10 +68,6 @@ MESSAGE_SCHEMAS: Final[dict[str, tuple[int, tuple[tuple[str, str], ...]]]] = {
     )),
 }
 
-# frames of each message on the wire: the header, the fixed fields, one per str and extents field
-MESSAGE_FRAMES: Final[dict[str, int]] = {
-    name: 2 + sum(kind in ("str", "extents") for _, kind in fields) for name, (_, fields) in MESSAGE_SCHEMAS.items()
-}
 # Several messages to one peer may travel as one multipart, one after another (the control
 # plane coalesces what one wake-up has ready for a peer); the reader splits them by each
 # header's frame count.  At most this many in one.

@@ -18,9 +18,8 @@ import pytest
 import zmq
 
 from embxfer.adapters import LanguageClient, Poll
-from embxfer.adapters._runtime import split_messages
 from embxfer.adapters.workload import room_data
-from embxfer.core import Register, Registered, Settings, decode, encode
+from embxfer.core import Register, Registered, Settings, decode, encode, split_messages
 
 CLI = [sys.executable, "-m", "embxfer.adapters.cli"]
 SEED = 5

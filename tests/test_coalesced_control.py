@@ -7,8 +7,7 @@ from __future__ import annotations
 import zmq
 
 from embxfer.adapters import EncodeServer, LanguageClient
-from embxfer.adapters._runtime import split_messages
-from embxfer.core import Abort, Init, PoolLayout, Register, Registered, Settings, Status, decode, encode
+from embxfer.core import Abort, Init, PoolLayout, Register, Registered, Settings, Status, decode, encode, split_messages
 from embxfer.specs.schemas import MAX_COALESCED
 
 from helpers import wait_until

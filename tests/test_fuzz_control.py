@@ -34,8 +34,7 @@ from hypothesis import strategies as st
 
 from embxfer.adapters import LanguageClient
 from embxfer.adapters._encode import MAX_CONTROL_FRAME, REFUSED_UNREAD
-from embxfer.adapters._runtime import split_messages
-from embxfer.core import decode, encode
+from embxfer.core import decode, encode, split_messages
 
 from fuzz_support import encode_process, live_client, zmq_context  # noqa: F401  (pytest fixtures)
 from fuzz_support import (

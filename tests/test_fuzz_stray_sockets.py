@@ -10,8 +10,7 @@ import zmq
 
 from embxfer.adapters import Poll
 from embxfer.adapters.workload import room_data
-from embxfer.adapters._runtime import split_messages
-from embxfer.core import Abort, Heartbeat, PoolLayout, decode, encode
+from embxfer.core import Abort, Heartbeat, PoolLayout, decode, encode, split_messages
 
 from fuzz_support import encode_process, live_client, zmq_context  # noqa: F401  (pytest fixtures)
 from fuzz_support import (

@@ -174,8 +174,9 @@ CONTROL_COLUMNS = [
 PLANES = ("mooncake", "zmq", "shm")
 # what holds each plane's small rooms back (py-spy of both processes, CPU time per room)
 WHY_SMALL = {
-    "mooncake": "one Mooncake write a room: its engine threads cost ~0.7–1.3 ms of CPU a write on this "
-                "2-core machine, beside both processes' Python",
+    "mooncake": "Mooncake's engine costs ~26 µs of CPU per range written (3–4 ranges a small room) plus "
+                "its per-call cost, on this 2-core machine beside both processes' Python (writes queued "
+                "to one peer already go as one call)",
     "zmq": "a data message and its acknowledgement per room on the writer and receiver threads, beside "
            "the control messages",
     "shm": "Python per room on both I/O threads (~200 µs of CPU on the encode side, a fifth of it the "

@@ -17,6 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 from embxfer.core import (
     Action, DecodeError, Init, LocalProtocolError, Poll, PoolLayout, Register, Registered, ReleaseSource,
     RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, check_room, decode, encode, peek_type,
+    split_messages,
 )
 from embxfer.specs.schemas import MAX_EXTENTS, MAX_STR_BYTES
 from embxfer.transports.auth import CURVE_OVERHEAD, AuthKeys, peer_key, serve_securely
@@ -29,7 +30,8 @@ from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter
 
 from ._failure_log import RateLimitedLog
 from ._fair_inbox import FairInbox
-from ._runtime import _Runtime, new_incarnation, recv_frames, split_messages
+from ._runtime import _Runtime, new_incarnation, recv_frames
+from ._token_buckets import TokenBuckets
 
 log = logging.getLogger("embxfer")
 
@@ -169,10 +171,11 @@ class EncodeServer(_Runtime):
         self._sources: dict[int, SourceRows] = {}
         self._completions: queue.SimpleQueue[tuple[WriteRows, str | None]] = queue.SimpleQueue()
         self._inbox = FairInbox()
-        self._register_tokens: dict[bytes, tuple[float, float]] = {}  # connection -> (tokens, when)
+        self._registers = TokenBuckets(REGISTERS_PER_SECOND, REGISTER_BURST, max_keys=4096)  # by connection
         self._rank_of: dict[bytes, int] = {}  # connection -> the rank it holds
-        self._failure_budget: dict[bytes, tuple[float, float]] = {}  # connection -> (seconds left, when)
-        self._refusals_left, self._refusals_when = REFUSED_BURST, time.monotonic()
+        # handling time left to each connection's failed messages (perf_counter seconds)
+        self._failure_time = TokenBuckets(FAILED_SECONDS_PER_SECOND, FAILED_SECONDS_BURST)
+        self._refusals = TokenBuckets(REFUSED_PER_SECOND, REFUSED_BURST)  # one bucket: all connections
         self._prune_until = self._pruned_at = 0.0
         self._done_inline: list[tuple[WriteRows, str | None]] = []
         self._submitting = False  # the I/O thread is inside writer.submit
@@ -265,8 +268,8 @@ class EncodeServer(_Runtime):
         meets.  Messages queued before it are not served yet, so a Register or PoolLayout
         let in counts at once (a connection registering may speak; a pool announced may
         name its blocks), and is settled when served."""
-        if self._failure_budget and connection in self._failure_budget \
-                and self._failure_seconds_left(connection) <= 0:
+        if self._failure_time and connection in self._failure_time \
+                and self._failure_time.level(connection, time.perf_counter()) <= 0:
             return "throttled_dropped"  # its failed messages used up their time
         if len(frames) < 3:
             return "decode_errors"  # no routing identity, or no frame after the header
@@ -274,7 +277,7 @@ class EncodeServer(_Runtime):
         if kind is None:
             return "decode_errors"
         if kind is Register or kind is PoolLayout:
-            if not self._register_allowed(connection, time.monotonic()):
+            if not self._registers.take(connection, time.monotonic()):  # a few a second per connection
                 return "registrations_rate_limited"
             if kind is Register:
                 self._rank_of.setdefault(connection, REGISTERING)
@@ -298,25 +301,8 @@ class EncodeServer(_Runtime):
         self._guarded(lambda: reached.append(self._on_frames(frames)))
         if not reached or not reached[0] or sum(stats.get(name, 0) for name in CHARGED_BY_CORE) != dropped:
             # undecodable (counted by _guarded), refused, or dropped by the core
-            self._charge_failure(connection, time.perf_counter() - started)
-
-    def _charge_failure(self, connection: bytes, seconds: float) -> None:
-        left = self._failure_seconds_left(connection)
-        self._failure_budget[connection] = (left - seconds, time.perf_counter())
-
-    def _failure_seconds_left(self, connection: bytes) -> float:
-        """A token bucket of handling time per connection, charged only by failed messages."""
-        entry = self._failure_budget.get(connection)
-        if entry is None:
-            return FAILED_SECONDS_BURST
-        left, when = entry
-        now = time.perf_counter()
-        left = min(FAILED_SECONDS_BURST, left + (now - when) * FAILED_SECONDS_PER_SECOND)
-        if left >= FAILED_SECONDS_BURST:
-            del self._failure_budget[connection]  # earned back in full: nothing to remember
-        else:
-            self._failure_budget[connection] = (left, now)
-        return left
+            ended = time.perf_counter()
+            self._failure_time.spend(connection, ended - started, ended)
 
     def _backlog(self) -> bool:
         return bool(self._inbox)
@@ -324,30 +310,17 @@ class EncodeServer(_Runtime):
     def _refused(self, counter: str | None) -> None:
         if counter is not None:
             self.counters[counter] += 1
-        self._refusals_left -= 1.0
+        self._refusals.spend(None, 1.0, time.monotonic())
 
     def _reading_paused_until(self) -> float | None:
-        if self._refusals_left >= 1.0:
-            return None
+        if not self._refusals:
+            return None  # (the common case: nothing refused lately)
         now = time.monotonic()
-        self._refusals_left = min(REFUSED_BURST, self._refusals_left + (now - self._refusals_when) * REFUSED_PER_SECOND)
-        self._refusals_when = now
-        if self._refusals_left >= 1.0:
+        left = self._refusals.level(None, now)
+        if left >= 1.0:
             return None
         self.counters["reading_paused"] += 1
-        return now + (1.0 - self._refusals_left) / REFUSED_PER_SECOND + 0.001
-
-    def _register_allowed(self, connection: bytes, now: float) -> bool:
-        """A token bucket per connection: registrations beyond a few a second are dropped."""
-        tokens, when = self._register_tokens.get(connection, (REGISTER_BURST, now))
-        tokens = min(REGISTER_BURST, tokens + (now - when) * REGISTERS_PER_SECOND)
-        if tokens < 1.0:
-            self._register_tokens[connection] = (tokens, now)
-            return False
-        if len(self._register_tokens) > 4096:  # strangers' connections come and go: keep it bounded
-            self._register_tokens.clear()
-        self._register_tokens[connection] = (tokens - 1.0, now)
-        return True
+        return now + (1.0 - left) / REFUSED_PER_SECOND + 0.001
 
     def _on_frames(self, received: list[Any]) -> bool:
         """One message; False when it was refused before reaching the protocol."""

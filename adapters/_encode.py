@@ -19,7 +19,7 @@ from embxfer.core import (
     RoomFailedError, RoomFinished, SendMessage, Sender, Settings, WriteRows, check_room, decode, encode, peek_type,
     split_messages,
 )
-from embxfer.specs.schemas import MAX_EXTENTS, MAX_STR_BYTES
+from embxfer.specs.schemas import MAX_COALESCED, MAX_EXTENTS, MAX_STR_BYTES
 from embxfer.transports.auth import CURVE_OVERHEAD, AuthKeys, peer_key, serve_securely
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.auto import auto_engine
@@ -252,14 +252,22 @@ class EncodeServer(_Runtime):
             except zmq.Again:
                 break
             connection = frames[0].bytes
-            # (a coalesced multipart is refused or queued message by message, as if sent alone)
-            for message in split_messages(frames, 1) if len(frames) > 1 else [[]]:
+            # a coalesced multipart is queued message by message, as if each came alone; the
+            # first refused ends it (the rest with it, one refusal: a multipart of many
+            # messages costs the refusal rate one, not one each), as does more than an honest
+            # peer ever puts in one
+            messages = split_messages(frames, 1) if len(frames) > 1 else [[]]
+            if len(messages) > MAX_COALESCED:
+                self._refused("oversized_dropped")
+                continue
+            for message in messages:
                 message.insert(0, frames[0])
                 refusal = self._refusal(connection, message)
+                if refusal is None and not inbox.put(connection, message, sum(len(frame) for frame in message)):
+                    refusal = "inbox_dropped"  # that connection already has its fill waiting
                 if refusal is not None:
                     self._refused(refusal)
-                elif not inbox.put(connection, message, sum(len(frame) for frame in message)):
-                    self._refused("inbox_dropped")  # that connection already has its fill waiting
+                    break
         inbox.serve(self._serve_one, time.perf_counter, SERVE_SLICE)
 
     def _refusal(self, connection: bytes, frames: list[Any]) -> str | None:

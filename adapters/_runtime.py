@@ -182,7 +182,7 @@ class _Runtime:
         with the rest."""
         while self._unsent:
             to, queued = self._unsent.popitem()
-            self._flush_one(to, queued)
+            self._guarded(lambda: self._flush_one(to, queued))
 
     def _flush_one(self, to: bytes | None, queued: list[Any]) -> None:
         count, frames = queued

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from embxfer.specs.schemas import MAGIC, MAX_EXTENTS, MAX_STR_BYTES, MESSAGE_SCHEMAS, VERSION
+from embxfer.specs.schemas import MAGIC, MAX_COALESCED, MAX_EXTENTS, MAX_STR_BYTES, MESSAGE_SCHEMAS, VERSION
 
 from ._errors import DecodeError
 from ._messages import MESSAGE_TYPES, InvalidField, Message
@@ -90,13 +90,18 @@ def _layout_of(header: bytes) -> _Layout | None:
     return _BY_TAG.get(tag) if magic == MAGIC and version == VERSION else None
 
 
-def split_messages(frames: list[Any], first: int = 0) -> list[list[Any]]:
+def split_messages(frames: list[Any], first: int = 0, limit: int = MAX_COALESCED) -> list[list[Any]]:
     """The messages in one multipart, from ``frames[first:]``: one, or several when the peer
     coalesced them (each header says how many frames its message has).  A header that names
     no message, or a message cut short, ends the split: the rest is one message, which fails
-    to decode (or is refused) as any malformed message does."""
-    messages, start, end = [], first, len(frames)
+    to decode (or is refused) as any malformed message does; so does everything past
+    ``limit`` messages (a reader refuses a multipart of more than ``limit``)."""
+    messages: list[list[Any]] = []
+    start, end = first, len(frames)
     while start < end:
+        if len(messages) == limit:
+            messages.append(frames[start:])
+            break
         header = frames[start]
         layout = _layout_of(header if isinstance(header, bytes) else getattr(header, "bytes", b""))
         count = layout.frames if layout is not None and start + layout.frames <= end else end - start

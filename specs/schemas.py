@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Final
 
 MAGIC: Final = b"EMBX"
-VERSION: Final = 2  # 2: Register names its data plane
+VERSION: Final = 3  # 2: Register names its data plane; 3: a multipart may carry several messages
 MAX_STR_BYTES: Final = 1024
 MAX_EXTENTS: Final = 1 << 16
 

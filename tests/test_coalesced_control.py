@@ -30,6 +30,8 @@ def test_a_multipart_of_several_messages_splits_into_each_and_garbage_ends_the_s
     assert split_messages(cut) == [encode(messages[1]), encode(messages[2])[:-1]]
     # the routing id of a ROUTER's multipart is skipped
     assert split_messages([b"identity", *frames], 1) == [encode(message) for message in messages]
+    # past ``limit`` messages the rest is one (a reader refuses such a multipart whole)
+    assert split_messages(frames, limit=2) == [encode(messages[0]), encode(messages[1]), frames[5:]]
 
 
 def test_a_language_client_sends_what_one_pass_has_as_one_multipart() -> None:
@@ -70,6 +72,8 @@ def test_the_encode_side_treats_each_message_of_a_multipart_as_if_sent_alone() -
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
+    stranger = context.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
     try:
         dealer.connect(f"tcp://{server.bootstrap_addr}")
         dealer.send_multipart([*encode(Register(0, 1, 3, 16, 32, "bfloat16", "x", "shm:none", "shm")),
@@ -84,15 +88,21 @@ def test_the_encode_side_treats_each_message_of_a_multipart_as_if_sent_alone() -
         wait_until(server, lambda: server.stats().get("decode_errors", 0) == 1, WAIT, "the garbage refused")
         wait_until(server, lambda: {0, 1} <= set(server.endpoint.rooms), WAIT, "the two Inits")
         assert 2 not in server.endpoint.rooms
-        # a stranger's coalesced messages are refused one by one, before any is decoded
-        stranger = context.socket(zmq.DEALER)
-        stranger.setsockopt(zmq.LINGER, 0)
+        # a stranger's coalesced messages: the first refused ends the multipart, one refusal
+        # (many messages in one cost the refusal rate one), before any is decoded
         stranger.connect(f"tcp://{server.bootstrap_addr}")
-        stranger.send_multipart([*encode(Init(9, 0, 1, 16, 16, ((9, 1),))), *encode(Abort(0, 0, "hostile"))])
-        wait_until(server, lambda: server.stats().get("unregistered_dropped", 0) == 2, WAIT, "both refused")
-        assert 9 not in server.endpoint.rooms and 0 in server.endpoint.rooms
-        stranger.close()
+        stranger.send_multipart([*encode(Init(9, 0, 1, 16, 16, ((9, 1),))), *encode(Abort(0, 0, "hostile")) * 10])
+        wait_until(server, lambda: server.stats().get("unregistered_dropped", 0) == 1, WAIT, "refused")
+        # more messages in one multipart than an honest peer ever coalesces: refused whole, unsplit
+        stranger.send_multipart([frame for _ in range(MAX_COALESCED + 1) for frame in encode(Abort(0, 0, "hostile"))])
+        wait_until(server, lambda: server.stats().get("oversized_dropped", 0) == 1, WAIT, "refused")
+        # the registered peer's multipart, past the limit, likewise
+        dealer.send_multipart([frame for room in range(MAX_COALESCED + 1) for frame in encode(Abort(room, 0, "x"))])
+        wait_until(server, lambda: server.stats().get("oversized_dropped", 0) == 2, WAIT, "refused")
+        assert 9 not in server.endpoint.rooms and {0, 1} <= set(server.endpoint.rooms)
+        assert server.stats().get("unregistered_dropped", 0) == 1
     finally:
+        stranger.close()
         dealer.close()
         server.close()
         context.term()

@@ -6,6 +6,7 @@ A fake engine stands in for Mooncake: its writes block until the test lets them 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from embxfer.adapters.workload import room_data
 from embxfer.core import PoolLayout, Settings, WriteRows
@@ -21,6 +22,7 @@ class StuckEngine:
 
     name = "stuck engine"
     needs_registration = True
+    host_memory_only = False
     inline_bytes = 0
 
     def __init__(self) -> None:
@@ -83,11 +85,13 @@ class RecordingEngine(StuckEngine):
         super().__init__()
         self.rc = rc
         self.failing_ranges = failing_ranges
+        self.on_call: Callable[[list[int]], None] = lambda remote: None
         self.calls: list[tuple[list[int], list[int], list[int]]] = []
 
     def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
         super().write(target, local, remote, lengths)
         self.calls.append((list(local), list(remote), list(lengths)))
+        self.on_call(remote)
         return self.rc if len(local) >= self.failing_ranges else 0
 
 
@@ -148,3 +152,46 @@ def test_a_failed_merged_call_fails_each_of_its_rounds_and_a_cancelled_one_is_no
     assert all(errors[room] == "stuck engine returned -1" for room in range(PEER_WRITES + 4) if room != PEER_WRITES + 1)
     assert max(len(call[1]) for call in engine.calls) == 3 * 3  # the three live rounds only, then each alone
     assert sorted(len(call[1]) for call in engine.calls) == [3] * (PEER_WRITES + 3) + [9]
+
+
+def test_a_round_whose_room_failed_during_the_retries_is_not_written_again() -> None:
+    engine = RecordingEngine(rc=-1, failing_ranges=2 * 3)
+    writer, done, all_done = queue_behind_stuck_writes(engine, 2)
+    first, second = PEER_WRITES, PEER_WRITES + 1
+    row = S.hidden_size * 4
+
+    def cancel_the_second(remote: list[int]) -> None:  # while the first round is tried again alone
+        if remote == [LAYOUT.embeddings_addr + 4 * first * row, *remote[1:]] and len(remote) == 3:
+            writer.cancel(second)
+
+    engine.on_call = cancel_the_second
+    engine.release.set()
+    assert all_done.wait(10)
+    writer.close()
+    errors = dict(done)
+    assert errors[first] is None and errors[second] == "cancelled before it started (the room had failed)"
+    alone = [call[1][0] for call in engine.calls if len(call[1]) == 3]
+    assert LAYOUT.embeddings_addr + 4 * second * row not in alone  # never written on its own
+
+
+def test_a_raising_callback_does_not_keep_the_others_of_its_merged_call_from_being_told() -> None:
+    engine = RecordingEngine()
+    writer = BatchWriter(engine, S.block_size, workers=6)  # type: ignore[arg-type]
+    told: list[int] = []
+    all_told = threading.Event()
+
+    def on_done(write: WriteRows, error: str | None) -> None:
+        told.append(write.room)
+        if len(told) == PEER_WRITES + 3:
+            all_told.set()
+        if write.room == PEER_WRITES:
+            raise RuntimeError("a bug in the caller")
+
+    for room in range(PEER_WRITES + 3):
+        writer.stage(room, SourceRows(room_data(1, room, S, num_tokens=4)))
+        writer.submit(WriteRows(room, 0, 0, 0, 4, ((4 * room, 0, 4),), None, None), "peer:1", LAYOUT, on_done)
+        if room < PEER_WRITES:
+            assert engine.started.acquire(timeout=10)
+    engine.release.set()
+    assert all_told.wait(10)
+    assert writer.close(grace=5) == 0 and sorted(told) == list(range(PEER_WRITES + 3))

@@ -51,6 +51,7 @@ class AutoEngine:
 
     name = "auto"
     needs_registration = True  # Mooncake reads only registered memory (shared memory reads any)
+    host_memory_only = True  # a receiver may be routed to shared memory: rows on a device come to the host once
     inline_bytes = 0  # (per route: ``route`` returns the engine whose own limit applies)
 
     def __init__(self, mooncake: Any, shm: ShmEngine | None, shm_problem: str = "") -> None:
@@ -89,7 +90,7 @@ class AutoEngine:
                     return self.mooncake, mooncake_part  # another host: the expected case, nothing to say
                 self.shm.check(shm_part)
                 return self.shm, shm_part
-            except (ShmUnavailable, OSError) as error:  # (OSError: the pool's mmap failed)
+            except (ShmUnavailable, OSError, ValueError) as error:  # (OSError, ValueError: the pool's mmap failed)
                 why = str(error)
         log.warning("receiver %s: over Mooncake, not shared memory: %s", mooncake_part, why)
         return self.mooncake, mooncake_part

@@ -42,6 +42,7 @@ _AUX_RECORD = struct.Struct(f"<{AUX_WORDS}q")  # one aux record, as the pool's i
 class WriteEngine(Protocol):
     name: str
     needs_registration: bool
+    host_memory_only: bool  # it cannot read device memory: rows on a device are copied to the host once
     inline_bytes: int  # a write this small runs on the caller's thread (0: never; it may block)
 
     def register(self, tensor: torch.Tensor) -> None: ...
@@ -80,7 +81,7 @@ class _StagingArena:
         engine.register(self.buffer)
         self.blocks = Allocator(Settings(block_size=1, default_blocks=1, pool_blocks=ARENA_BYTES // ARENA_BLOCK))
 
-    def stage(self, source: SourceRows) -> tuple[_CopiedRows, torch.Tensor, Allocation] | None:
+    def stage(self, source: "SourceRows | _CopiedRows") -> tuple[_CopiedRows, torch.Tensor, Allocation] | None:
         parts = (source.embeddings, source.fill_ids, source.mrope, torch.zeros(AUX_WORDS, dtype=torch.int64))
         offsets, total = [], 0
         for part in parts:
@@ -158,22 +159,22 @@ class BatchWriter:
         with self._target_lock:
             self._cancelled.discard(room)  # a new room under a failed one's id
         aux = torch.zeros(AUX_WORDS, dtype=torch.int64)
+        rows: SourceRows | _CopiedRows = source
+        if self.engine.host_memory_only and source.embeddings.device.type != "cpu":
+            rows = _CopiedRows(source.embeddings.cpu(), source.fill_ids.cpu(), source.mrope.cpu(), source.num_tokens)
         if not self.engine.needs_registration:  # the engine reads the caller's tensors where they are
-            rows: SourceRows | _CopiedRows = source
-            if source.embeddings.device.type != "cpu":  # (it copies host memory: a device's rows come over once)
-                rows = _CopiedRows(source.embeddings.cpu(), source.fill_ids.cpu(), source.mrope.cpu(), source.num_tokens)
             self._staged[room] = _Staged(rows, aux)
             return
         if self._arena is None:
             self._arena = _StagingArena(self.engine)  # registered once, on first use
-        copied = self._arena.stage(source)
+        copied = self._arena.stage(rows)
         if copied is not None:
-            rows, aux, blocks = copied
-            self._staged[room] = _Staged(rows, aux, blocks)
+            arena_rows, aux, blocks = copied
+            self._staged[room] = _Staged(arena_rows, aux, blocks)
             return
-        for tensor in (source.embeddings, source.fill_ids, source.mrope, aux):
+        for tensor in (rows.embeddings, rows.fill_ids, rows.mrope, aux):
             self.engine.register(tensor)
-        self._staged[room] = _Staged(source, aux)
+        self._staged[room] = _Staged(rows, aux)
 
     def cancel(self, room: int) -> None:
         """``room`` failed: its writes that have not started end at once, as cancelled
@@ -237,25 +238,38 @@ class BatchWriter:
             try:
                 started = time.monotonic()
                 error = self._engine_write(engine, target, _merged([pending.batch for pending in live]))
-                if error is not None and len(live) > 1 and time.monotonic() - started < SPLIT_AFTER_FAILURE:
+                errors.update((id(pending), error) for pending in live)
+                if error is not None and len(live) > 1:
                     # a quick failure (one broken lane, not a peer that does not answer) must
-                    # not fail every round merged with it: each goes again on its own
-                    errors.update((id(pending), self._engine_write(engine, target, pending.batch)) for pending in live)
-                else:
-                    errors.update((id(pending), error) for pending in live)
+                    # not fail every round merged with it: each goes again on its own, while
+                    # the merged call's time allows (a late write would outlast the rules'
+                    # bound on it) and unless its room failed meanwhile
+                    for pending in live:
+                        if time.monotonic() - started >= SPLIT_AFTER_FAILURE:
+                            break
+                        with self._target_lock:
+                            cancelled = self._closing or pending.write.room in self._cancelled
+                            self._writes_cancelled += cancelled
+                        errors[id(pending)] = CANCELLED if cancelled else self._engine_write(engine, target, pending.batch)
             finally:
                 with self._target_lock:
                     self._in_engine -= len(live)
                     self._idle.notify_all()
+        raised: BaseException | None = None
         try:
             for pending in group:
-                pending.on_done(pending.write, errors[id(pending)])
+                try:
+                    pending.on_done(pending.write, errors[id(pending)])
+                except BaseException as error:  # the others are still told
+                    raised = raised or error
         finally:
             if chain:
                 self._next_for(target)
             with self._target_lock:
                 self._unfinished -= len(group)
                 self._idle.notify_all()
+        if raised is not None:
+            raise raised
 
     @staticmethod
     def _engine_write(engine: WriteEngine, target: str, batch: tuple[list[int], list[int], list[int]]) -> str | None:

@@ -78,6 +78,7 @@ class MooncakeEngine:
 
     name = "mooncake batch_transfer_sync_write"
     needs_registration = True  # the engine reads only memory registered with it
+    host_memory_only = False  # (registered device memory too, where the engine is built for it)
     inline_bytes = 0  # a write may block for seconds (a peer that does not answer): always on a worker
 
     def __init__(self, host: str = "127.0.0.1", protocol: str = "tcp", device: str = "", verbose: bool = False,

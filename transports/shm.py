@@ -148,6 +148,7 @@ class ShmEngine:
 
     name = "shared-memory copy"
     needs_registration = False  # it reads the caller's tensors wherever they are in this process
+    host_memory_only = True  # (a memcpy)
     inline_bytes = 256 << 10  # copied on the I/O thread in ~10 µs: cheaper than a hand-off to a worker
 
     def __init__(self) -> None:

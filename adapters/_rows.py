@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from embxfer.core import (
     Action, AuxHeader, CollectRows, LocalProtocolError, Poll, ProtocolError, RoomExpired, RoomFinished, RowsHeld,
     RowsLanded, RowsReleased, Settings, Status,
@@ -20,8 +22,9 @@ class RowsLease:
     """A finished room's rows lent where they lie: ``with client.lease(room) as rows:`` — for
     a room that arrived whole in round 0 (``init(room, lease=True)``) they are views of the
     pool, read without a copy, and the blocks go back when the block ends (``release``);
-    for any other room they are its result.  Read them, or copy what must outlive the
-    lease (``rows.copy()``), before it ends: the blocks are another room's after."""
+    for any other room they are its result, whose memory the next resumed room reuses.  Read
+    them, or copy what must outlive the lease (``rows.copy()``), before it ends: the blocks
+    (or the result's memory) are another room's after."""
 
     def __init__(self, rows: EmbeddingData, release: Callable[[], None]) -> None:
         self.rows = rows
@@ -51,6 +54,11 @@ class RowSink:
         # leased rooms whose rows stay in the pool (``RowsHeld``): views of them, and the
         # block whose aux record is cleared when they go
         self.held: dict[int, tuple[EmbeddingData, int]] = {}
+        # assembled results' embedding storage, by room, until handed out for good (``take``)
+        # or given back (a lease's end, expiry): the spare is the next assembly's, so a
+        # resumed room read by lease takes no page faults for its result after the first
+        self._storage: dict[int, torch.Tensor] = {}
+        self._spare: torch.Tensor | None = None
 
     def aux_for(self, endpoint: Any, message: Any) -> tuple[AuxHeader | None, str]:
         """Round 0's aux header, read from the room's aux record (or why it could not be)."""
@@ -68,7 +76,10 @@ class RowSink:
         if isinstance(action, CollectRows):
             assembly = self.assemblies.get(action.room)
             if assembly is None:
-                assembly = self.assemblies[action.room] = Assembly(action.aux, self.settings)
+                spare = self._spare if self._spare is not None and self._spare.shape[0] >= action.aux.total_tokens else None
+                if spare is not None:
+                    self._spare = None
+                assembly = self.assemblies[action.room] = Assembly(action.aux, self.settings, spare)
             assembly.collect(self.buffers, action.runs, action.sent_tokens)
             if action.round == 0:
                 self.buffers.clear_aux(action.allocation.extents[0][0])
@@ -86,12 +97,16 @@ class RowSink:
         if isinstance(action, RoomExpired):  # nobody read it within retention_timeout
             self.assemblies.pop(action.room, None)
             self.results.pop(action.room, None)
+            self._give_back(action.room)
             self._drop_held(action.room)  # (the core freed its blocks)
             return True
         if isinstance(action, RoomFinished):
             assembly = self.assemblies.pop(action.room, None)
             if action.poll == Poll.Success and assembly is not None:
                 self.results[action.room] = assembly.result()
+                self._storage[action.room] = assembly.storage
+            elif assembly is not None:
+                self._keep_spare(assembly.storage)  # a failed room's partial rows: nobody has them
             return True
         return False
 
@@ -106,6 +121,7 @@ class RowSink:
         self._check_success(endpoint, room)
         held = self.held.get(room)
         result = held[0].copy() if held is not None else self.results[room]
+        self._storage.pop(room, None)  # the caller's now
         return result, self.end_lease(endpoint, room, now)
 
     def lease(self, endpoint: Any, room: int) -> EmbeddingData:
@@ -124,12 +140,25 @@ class RowSink:
         Returns the actions that follow (rooms waiting for the blocks), for the driver."""
         if not by_lease:
             self._check_not_lent(endpoint, room)
+            self._storage.pop(room, None)  # (forgotten unread: kept simple, not reused)
+        else:
+            self._give_back(room)  # the lease is over: its rows are nobody's
         actions = endpoint.release_rows(room, now)
         if actions:  # RowsReleased first: executed here, before anything may reuse the blocks
             self.execute(actions.pop(0))
         self.results.pop(room, None)
         endpoint.forget(room)
         return actions
+    def _give_back(self, room: int) -> None:
+        storage = self._storage.pop(room, None)
+        if storage is not None:
+            self._keep_spare(storage)
+
+    def _keep_spare(self, storage: torch.Tensor) -> None:
+        """One spare, the larger (a few rooms' worth of reuse at most; memory bounded)."""
+        if self._spare is None or storage.shape[0] > self._spare.shape[0]:
+            self._spare = storage
+
     @staticmethod
     def _check_not_lent(endpoint: Any, room: int) -> None:
         if endpoint.is_lent(room):

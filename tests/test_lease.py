@@ -179,3 +179,23 @@ def test_a_lease_over_real_wires_reads_the_rows_where_the_data_plane_wrote_them(
                 assert rows.same_bytes(data)
                 assert shares_memory(rows.embeddings, rx.buffers.embeddings) == (room != 3)  # 3 resumed
         wait_until(rx, lambda: rx.free_blocks() == settings.pool_blocks, 30, "every block back")
+
+
+def test_a_resumed_room_read_by_lease_gives_its_result_memory_to_the_next_resumed_room() -> None:
+    link = connect_loopback(S)
+    rx, first = arrived(link, 1, 20)  # 20 tokens: past the 12-token guess, one resume
+    with rx.lease(1) as rows:
+        assert rows.same_bytes(first) and not shares_memory(rows.embeddings, rx.buffers.embeddings)
+        first_memory = rows.embeddings.data_ptr()
+    rx, second = arrived(link, 2, 17)  # shorter: the spare fits
+    with rx.lease(2) as rows:
+        assert rows.same_bytes(second)
+        assert rows.embeddings.data_ptr() == first_memory  # reused: no fresh pages
+    rx, third = arrived(link, 3, 24)  # longer than the spare: fresh memory, exact bytes
+    taken = rx.take(3)
+    assert taken.same_bytes(third) and taken.embeddings.data_ptr() != first_memory
+    rx, fourth = arrived(link, 4, 18)  # the spare again (room 3's result was taken: it is the caller's)
+    with rx.lease(4) as rows:
+        assert rows.same_bytes(fourth) and rows.embeddings.data_ptr() == first_memory
+    assert taken.same_bytes(third)  # a taken result is never reused
+    assert rx.allocator.free_blocks == S.pool_blocks and not invariants.all_freed_once(rx.allocator)

@@ -150,11 +150,16 @@ class PoolBuffers:
 class Assembly:
     """Where a room's rows go when they leave the pool, round by round."""
 
-    __slots__ = ("embeddings", "fill_ids", "mrope", "delta")
+    __slots__ = ("embeddings", "fill_ids", "mrope", "delta", "storage")
 
-    def __init__(self, header: AuxHeader, settings: Settings) -> None:
+    def __init__(self, header: AuxHeader, settings: Settings, spare: torch.Tensor | None = None) -> None:
+        """``spare``: embedding rows of a result nobody reads any more, at least this room's
+        length: reused (their pages are already faulted in), else fresh memory."""
         total = header.total_tokens
-        self.embeddings = torch.empty(total, settings.hidden_size, dtype=torch_dtype(settings.dtype))
+        if spare is None or spare.shape[0] < total:
+            spare = torch.empty(total, settings.hidden_size, dtype=torch_dtype(settings.dtype))
+        self.storage = spare  # (what the result's embeddings are a view of)
+        self.embeddings = spare[:total]
         self.fill_ids = torch.empty(total, dtype=torch.int64)
         self.mrope = torch.empty(total, 3, dtype=torch.int64)
         self.delta = header.mrope_position_delta

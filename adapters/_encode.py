@@ -25,6 +25,7 @@ from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.auto import auto_engine
 from embxfer.transports.batch_writer import BatchWriter
 from embxfer.transports.mooncake import MooncakeEngine
+from embxfer.transports.nixl import NixlEngine
 from embxfer.transports.shm import ShmEngine
 from embxfer.transports.zmq_plane import SENDER_SESSION, ZmqWriter
 
@@ -97,7 +98,7 @@ class EncodeServer(_Runtime):
     def __init__(self, settings: Settings, *, host: str = "127.0.0.1", bootstrap_port: int = 0,
                  protocol: str = "tcp", device: str = "",
                  data_for_room: Callable[[int], EmbeddingData | None] | None = None,
-                 verbose: bool = False, engine: MooncakeEngine | None = None, forget_finished: bool = False,
+                 verbose: bool = False, engine: MooncakeEngine | NixlEngine | None = None, forget_finished: bool = False,
                  lock: Any = None, close_grace: float | None = None, cancelled: Any = None,
                  auth: AuthKeys | None = None) -> None:
         """``auth``: CURVE keys (``embxfer.transports.auth``); only admitted language keys can
@@ -113,6 +114,8 @@ class EncodeServer(_Runtime):
         self.abandoned_writes = 0  # writes still inside the data plane when ``close`` gave up on them
         self.refusal_log = RateLimitedLog(log, "encode", "registrations refused")
         self.engine: MooncakeEngine | None = None
+        self.nixl: NixlEngine | None = None
+        self._owns_nixl = False
         self.writer: RowWriter
         if settings.data_plane == "zmq":
             if engine is not None:
@@ -128,7 +131,19 @@ class EncodeServer(_Runtime):
             shm = ShmEngine()
             self.writer = BatchWriter(shm, settings.block_size)
             self.session_id = f"shm:{shm.identity}"
+        elif settings.data_plane == "nixl":
+            if engine is not None and not isinstance(engine, NixlEngine):
+                raise LocalProtocolError("a Mooncake engine was given for the nixl data plane", field="engine")
+            # a write NIXL has not completed within the round's timeout is given up (its
+            # receiver has failed the round by then)
+            self.nixl = engine or NixlEngine("encode", stuck_after=settings.transfer_timeout, verbose=verbose)
+            self._owns_nixl = engine is None
+            self.writer = BatchWriter(self.nixl, settings.block_size)
+            self.session_id = self.nixl.session_id
         else:
+            if isinstance(engine, NixlEngine):
+                raise LocalProtocolError(f"a NIXL engine was given for the {settings.data_plane} data plane",
+                                         field="engine")
             self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
                                                    retry_for=settings.bootstrap_timeout, cancelled=cancelled)
             self.writer = BatchWriter(self.engine if settings.data_plane == "mooncake" else auto_engine(self.engine),
@@ -386,8 +401,11 @@ class EncodeServer(_Runtime):
             held = self._rank_of.get(identity, REGISTERING)
             self._rank_of[identity] = message.rank if held in (REGISTERING, message.rank) else SEVERAL_RANKS
             self._rank_by_fd[fd] = message.rank
-            if self._sessions.get(message.rank, message.session_id) != message.session_id:
+            old_session = self._sessions.get(message.rank, message.session_id)
+            if old_session != message.session_id:
                 self.writer.prune()  # a restarted receiver: the data plane lets go of the old one's pool
+                if self.nixl is not None:
+                    self.nixl.peer_gone(old_session)  # writes still waiting on the old one give up
             self._sessions[message.rank] = message.session_id
             if key is not None and isinstance(self.writer, ZmqWriter):
                 # the rank's data socket proves the same key its control connection did
@@ -492,4 +510,9 @@ class EncodeServer(_Runtime):
     def _close_endpoint(self) -> None:
         # writes in flight get a short grace; the rest are abandoned (counted), never waited on
         self.abandoned_writes = self.writer.close(self.close_grace)
+        if self.nixl is not None and self._owns_nixl:
+            if self.abandoned_writes:
+                self.nixl.stop_waiting()  # abandoned writes stop polling (what they read stays registered)
+            else:
+                self.nixl.close()
         self._after_wake()

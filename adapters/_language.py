@@ -7,6 +7,7 @@ using what reaches it)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -18,6 +19,8 @@ from embxfer.transports.auth import AuthKeys, connect_securely
 from embxfer.transports.auto import auto_session, shared_pool_or_private
 from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeEngine, pool_addresses, register_pool
+from embxfer.transports.nixl import NixlEngine
+from embxfer.transports.notes import writes_in
 from embxfer.transports.shm import SharedPoolBuffers
 from embxfer.transports.zmq_plane import ZmqPoolReceiver, pool_extent
 
@@ -25,6 +28,7 @@ from ._rows import RowSink, RowsLease
 from ._runtime import _Runtime, new_incarnation
 
 
+log = logging.getLogger("embxfer")
 HANDSHAKE_REFUSED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
@@ -34,12 +38,12 @@ class LanguageClient(_Runtime):
 
     def __init__(self, settings: Settings, bootstrap_addr: str, *, rank: int = 0, required_dst_info_num: int = 1,
                  protocol: str = "tcp", device: str = "", host: str = "127.0.0.1", verbose: bool = False,
-                 engine: MooncakeEngine | None = None, connect_timeout: float | None = None,
+                 engine: MooncakeEngine | NixlEngine | None = None, connect_timeout: float | None = None,
                  rows: RowSink | None = None, allocator: Any = None, lock: Any = None,
                  wait_for_peer: bool = True, cancelled: Any = None, auth: AuthKeys | None = None) -> None:
         """``rows``, ``allocator`` and ``lock`` shared by several clients (one per encode
         server) make them one pool; its Mooncake registration is then the caller's (pass
-        the ``engine`` it registered the pool with).  ``auth``: CURVE keys; the encode side
+        the ``engine`` it registered the pool with: Mooncake's, or NIXL's).  ``auth``: CURVE keys; the encode side
         must admit ours, and we speak only to the encode side that proves its key."""
         super().__init__(settings, f"language{rank}", lock)
         auth = self.auth = auth.for_language() if auth is not None else None
@@ -54,6 +58,7 @@ class LanguageClient(_Runtime):
         self.buffers = self.rows.buffers
         self._owns_pool = not shared_pool
         self.engine: MooncakeEngine | None = None
+        self.nixl: NixlEngine | None = None
         self.data_receiver: ZmqPoolReceiver | None = None
         try:
             session_id, addresses = self._open_data_plane(host, protocol, device, verbose, engine, cancelled, shared_pool)
@@ -85,10 +90,11 @@ class LanguageClient(_Runtime):
         if wait_for_peer:  # otherwise the caller waits (``wait_connected``) or watches the endpoint
             self.wait_connected(settings.bootstrap_timeout if connect_timeout is None else connect_timeout)
 
-    def _open_data_plane(self, host: str, protocol: str, device: str, verbose: bool, engine: MooncakeEngine | None,
-                         cancelled: Any, shared_pool: bool) -> tuple[str, dict[str, int]]:
+    def _open_data_plane(self, host: str, protocol: str, device: str, verbose: bool, engine: Any,
+                         cancelled: Any, shared_pool: bool) -> tuple[str, dict[str, Any]]:
         """Start receiving rows by ``settings.data_plane``: (our data session, the pool's addresses)."""
         settings = self.settings
+        addresses: dict[str, Any]
         if settings.data_plane == "zmq":
             self.data_receiver = ZmqPoolReceiver(
                 self.buffers, lock=self.lock, counters=self.counters, host=host,
@@ -100,6 +106,12 @@ class LanguageClient(_Runtime):
                 raise LocalProtocolError("the shm data plane needs its pool in shared memory: "
                                          "RowSink(settings, SharedPoolBuffers(settings))", field="rows")
             session_id, addresses = str(self.buffers.session), pool_addresses(self.buffers)
+        elif settings.data_plane == "nixl":
+            # the pool is registered once (a shared pool: by the caller, with the engine it passes);
+            # its agent metadata goes to the sender in every PoolLayout
+            self.nixl = engine if isinstance(engine, NixlEngine) else NixlEngine("language", verbose=verbose)
+            addresses = {**pool_addresses(self.buffers), "data_plane_metadata": self.nixl.pool_metadata(self.buffers)}
+            session_id = self.nixl.session_id
         else:
             # a quick restart within a pinned port range waits for its ports, up to the bootstrap timeout
             self.engine = engine or MooncakeEngine(host, protocol, device, verbose,
@@ -224,6 +236,8 @@ class LanguageClient(_Runtime):
             self.data_receiver.close()
         if self._owns_pool and isinstance(self.buffers, SharedPoolBuffers):
             self.buffers.close()  # no sender opens it any more; the memory goes with the last mapping
+        if self._owns_pool and self.nixl is not None:
+            self.nixl.close()  # deregistered while the pool's memory is still ours
         return aborted
 
     def _on_monitor(self) -> None:
@@ -244,10 +258,29 @@ class LanguageClient(_Runtime):
                                           "keys file, or one side runs without auth (--insecure)")
 
     def _on_frames(self, frames: list[bytes]) -> None:
+        if self.nixl is not None:
+            self._check_notes()  # (a round's note arrives before its Status)
         message = decode(frames)
         now = time.monotonic()
         aux, aux_error = self.rows.aux_for(self.endpoint, message)
         self._run(self.endpoint.receive(message, now, aux, aux_error=aux_error))
+
+    def _check_notes(self) -> None:
+        """Each NIXL write's note names the rounds it carried: every one must be a write the
+        core's admission rule lets land (a sender that wrote elsewhere is counted and named)."""
+        assert self.nixl is not None
+        for note in self.nixl.notifications():
+            try:
+                writes = writes_in(note)
+            except ValueError as error:
+                self.counters["data_notes_malformed"] += 1
+                log.warning("rank %d: a NIXL note that is not ours: %s", self.rank, error)
+                continue
+            for write in writes:
+                problem = self.endpoint.landed_write_problem(write)
+                if problem is not None:
+                    self.counters["data_writes_not_admitted"] += 1
+                    log.warning("rank %d: a NIXL write landed that the rules did not admit: %s", self.rank, problem)
 
     def _execute(self, action: Action) -> list[Action] | None:
         if isinstance(action, SendMessage):

@@ -14,12 +14,13 @@ from typing import Any
 from embxfer.core import Settings
 from embxfer.transports.auth import AuthKeys, write_keys
 from embxfer.transports.mooncake import MooncakeEngine, MooncakeUnavailable
+from embxfer.transports.nixl import NixlUnavailable, load_nixl
 
 from .settings_flags import settings_args
 
 
 DATA_PLANE_NAMES = {"mooncake": "Mooncake TCP", "zmq": "zero-copy ZeroMQ (CURVE)", "shm": "shared-memory",
-                    "auto": "shared memory on one host, else Mooncake TCP"}
+                    "auto": "shared memory on one host, else Mooncake TCP", "nixl": "NIXL (UCX)"}
 
 
 def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receivers: int, seed: int,
@@ -29,6 +30,13 @@ def run_two_process_demo(settings: Settings, rooms: int, in_flight: int, receive
         try:
             MooncakeEngine(verbose=verbose)  # fail fast, in this process, before spawning anything
         except MooncakeUnavailable as error:
+            print(f"embxfer: {error}", file=sys.stderr)
+            print("embxfer: falling back to --transport loopback (both sides simulated in this process)", file=sys.stderr)
+            return None
+    if settings.data_plane == "nixl":
+        try:
+            load_nixl(verbose)  # fail fast, before spawning anything
+        except NixlUnavailable as error:
             print(f"embxfer: {error}", file=sys.stderr)
             print("embxfer: falling back to --transport loopback (both sides simulated in this process)", file=sys.stderr)
             return None

@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run a verified workload of rooms end to end")
-    demo.add_argument("--transport", choices=["mooncake", "zmq", "shm", "auto", "loopback"], default="mooncake",
+    demo.add_argument("--transport", choices=["mooncake", "zmq", "shm", "auto", "nixl", "loopback"], default="mooncake",
                       help="mooncake (default): an encode and a language process over ZeroMQ + Mooncake TCP "
                            "on 127.0.0.1; zmq: the same processes with the zero-copy ZeroMQ data plane; "
                            "shm: with shared memory (the two processes share this host); auto: shared memory "
-                           "where both ends share a host, else Mooncake; "
+                           "where both ends share a host, else Mooncake; nixl: NIXL WRITEs over UCX "
+                           "(pip install 'embxfer[nixl]'); "
                            "loopback: both sides simulated in this process")
     demo.add_argument("--verbose", action="store_true", help="show Mooncake's own log lines")
     demo.add_argument("--rooms", type=int, default=36, help="rooms to transfer (default 36)")

@@ -47,11 +47,12 @@ SETTINGS_FLAGS: tuple[SettingsFlag, ...] = (
     SettingsFlag("--pool-blocks", "pool_blocks", int, default=POOL_BLOCKS_DEFAULT),
     SettingsFlag("--hidden-size", "hidden_size", int, default=256),
     SettingsFlag("--dtype", "dtype", default="bfloat16", choices=("float32", "float16", "bfloat16")),
-    SettingsFlag("--data-plane", "data_plane", choices=("mooncake", "zmq", "shm", "auto"),
+    SettingsFlag("--data-plane", "data_plane", choices=("mooncake", "zmq", "shm", "auto", "nixl"),
                  help="how rows travel: mooncake (default; TCP or RDMA), zmq (zero-copy ZeroMQ frames, "
                       "no Mooncake needed), shm (shared memory, both sides on one host) or auto (shared "
                       "memory to each language process on the same host, Mooncake to the others; "
-                      "both sides say auto); "
+                      "both sides say auto) or nixl (one NIXL WRITE a round over UCX; "
+                      "pip install 'embxfer[nixl]'); "
                       "EMBXFER_DATA_PLANE sets the default"),
     SettingsFlag("--bootstrap-timeout", "bootstrap_timeout", float, help="seconds (EMBXFER_BOOTSTRAP_TIMEOUT)"),
     SettingsFlag("--waiting-timeout", "waiting_timeout", float, help="seconds (EMBXFER_WAITING_TIMEOUT)"),

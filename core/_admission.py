@@ -41,6 +41,21 @@ def outside_pool(receiver: "Receiver", write: WriteRows) -> str | None:
     return None
 
 
+def landed_write_problem(receiver: "Receiver", write: WriteRows) -> str | None:
+    """``write_problem`` for a write that has already landed, read from a one-sided plane's
+    note (NIXL): None also when the room has moved on from that round since (its Status
+    arrived first), as there is nothing left to check it against."""
+    held = receiver._quarantine.get(write.room)
+    record = receiver.rooms.get(write.room)
+    if held is not None:
+        current_round = held.round
+    elif record is not None and record.state not in TERMINAL_STATES and record.requested:
+        current_round = record.round
+    else:
+        return None
+    return write_problem(receiver, write) if current_round == write.round else None
+
+
 def write_problem(receiver: "Receiver", write: WriteRows) -> str | None:
     """Why ``write`` may not land in ``receiver``'s pool (None when it may)."""
     if write.rank != receiver.rank:

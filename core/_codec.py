@@ -16,7 +16,9 @@ from typing import Any
 
 import attrs
 
-from embxfer.specs.schemas import MAGIC, MAX_COALESCED, MAX_EXTENTS, MAX_STR_BYTES, MESSAGE_SCHEMAS, VERSION
+from embxfer.specs.schemas import (
+    MAGIC, MAX_BYTES_FIELD, MAX_COALESCED, MAX_EXTENTS, MAX_STR_BYTES, MESSAGE_SCHEMAS, VERSION,
+)
 
 from ._errors import DecodeError
 from ._messages import MESSAGE_TYPES, InvalidField, Message
@@ -27,8 +29,8 @@ _EXTENT = struct.Struct(">II")
 
 
 class _Layout:
-    __slots__ = ("name", "cls", "tag", "fields", "fixed", "fixed_names", "str_names", "extent_names", "frames",
-                 "header", "fixed_values", "fast")
+    __slots__ = ("name", "cls", "tag", "fields", "fixed", "fixed_names", "str_names", "bytes_names", "extent_names",
+                 "frames", "header", "fixed_values", "fast")
 
     def __init__(self, name: str, tag: int, fields: tuple[tuple[str, str], ...]) -> None:
         self.name = name
@@ -38,8 +40,9 @@ class _Layout:
         self.fixed_names = tuple(f for f, kind in fields if kind in _FIXED_CODES)
         self.fixed = struct.Struct(">" + "".join(_FIXED_CODES[kind] for _, kind in fields if kind in _FIXED_CODES))
         self.str_names = tuple(f for f, kind in fields if kind == "str")
+        self.bytes_names = tuple(f for f, kind in fields if kind == "bytes")
         self.extent_names = tuple(f for f, kind in fields if kind == "extents")
-        self.frames = 2 + len(self.str_names) + len(self.extent_names)
+        self.frames = 2 + len(self.str_names) + len(self.bytes_names) + len(self.extent_names)
         self.header = _HEADER.pack(MAGIC, VERSION, tag)
         getter = operator.attrgetter(*self.fixed_names)
         # the fixed fields' values as a tuple, whatever their number
@@ -47,8 +50,8 @@ class _Layout:
             getter if len(self.fixed_names) > 1 else lambda message: (getter(message),))
         # decode's fast path: no string field, at most one extents field (frame 2), and the
         # class takes its fields in wire order, so they are passed positionally
-        wire_order = self.fixed_names + self.str_names + self.extent_names
-        self.fast = (not self.str_names and len(self.extent_names) <= 1
+        wire_order = self.fixed_names + self.str_names + self.bytes_names + self.extent_names
+        self.fast = (not self.str_names and not self.bytes_names and len(self.extent_names) <= 1
                      and tuple(field.name for field in attrs.fields(self.cls)) == wire_order)
 
 
@@ -66,6 +69,8 @@ def encode(message: Message) -> list[bytes]:
     frames = [layout.header, layout.fixed.pack(*layout.fixed_values(message))]
     for name in layout.str_names:
         frames.append(getattr(message, name).encode("utf-8"))
+    for name in layout.bytes_names:
+        frames.append(getattr(message, name))
     for name in layout.extent_names:
         extents = getattr(message, name)
         if len(extents) == 1:  # the common case: one coalesced extent
@@ -175,6 +180,12 @@ def _decode_checked(frames: Sequence[Any]) -> Message:
             values[name] = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise DecodeError(f"{layout.name}.{name}", "not valid UTF-8") from None
+    for name in layout.bytes_names:
+        raw = _as_bytes(frames[index], f"{layout.name}.{name}")
+        index += 1
+        if len(raw) > MAX_BYTES_FIELD:
+            raise DecodeError(f"{layout.name}.{name}", f"longer than {MAX_BYTES_FIELD} bytes")
+        values[name] = raw
     for name in layout.extent_names:
         raw = _as_bytes(frames[index], f"{layout.name}.{name}")
         index += 1

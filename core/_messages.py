@@ -17,6 +17,7 @@ from embxfer.specs.schemas import (
     DTYPE_CODES,
     I64_MAX,
     I64_MIN,
+    MAX_BYTES_FIELD,
     MAX_EXTENTS,
     MAX_STR_BYTES,
     U32_MAX,
@@ -44,6 +45,13 @@ def _int_in(low: int, high: int) -> Any:
             raise InvalidField(attribute.name, f"{value} is outside {low}..{high}")
 
     return check
+
+
+def _blob(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, bytes):
+        raise InvalidField(attribute.name, f"must be bytes, got {type(value).__name__}")
+    if len(value) > MAX_BYTES_FIELD:
+        raise InvalidField(attribute.name, f"longer than {MAX_BYTES_FIELD} bytes")
 
 
 def _text(instance: Any, attribute: Any, value: Any) -> None:
@@ -259,6 +267,7 @@ class PoolLayout:
     fill_ids_addr: int = attrs.field(validator=U64)
     mrope_addr: int = attrs.field(validator=U64)
     aux_addr: int = attrs.field(validator=U64)
+    data_plane_metadata: bytes = attrs.field(default=b"", validator=_blob)
 
 
 @attrs.frozen

@@ -26,7 +26,7 @@ from ._allocator import Allocation, Allocator, leading_extents
 from ._endpoint import RETIRED_MEMORY, Endpoint, check_room
 from ._errors import LocalProtocolError
 from ._messages import U64_MAX, Abort, AbortAck, AuxHeader, Heartbeat, Init, Message, Register, Registered, Resume, Status
-from ._admission import aux_problem, outside_pool, write_problem
+from ._admission import aux_problem, landed_write_problem, outside_pool, write_problem
 from ._prealloc import prealloc_policy
 from ._quarantine import Quarantine, Quarantined
 from ._receiver_peer import SenderLink
@@ -130,6 +130,11 @@ class Receiver(ScheduledRounds, Quarantine, SenderLink, Endpoint):
         of them as the round carries.  Ask it under the lock that orders this endpoint's
         inputs and keep holding it while the bytes land."""
         return write_problem(self, write)
+
+    def landed_write_problem(self, write: WriteRows) -> str | None:
+        """``write_problem`` for a write that has already landed (a one-sided plane's note
+        names it afterwards): None too when its room has moved on from that round."""
+        return landed_write_problem(self, write)
 
     def write_outside_pool(self, write: WriteRows) -> str | None:
         """The part of ``write_problem`` no data plane can land at all (runs outside the pool)."""

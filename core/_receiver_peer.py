@@ -51,10 +51,11 @@ class SenderLink:
         return self._registration
 
     def pool_layout_message(self, pool_slots: int, embeddings_addr: int = 0, fill_ids_addr: int = 0,
-                            mrope_addr: int = 0, aux_addr: int = 0) -> PoolLayout:
+                            mrope_addr: int = 0, aux_addr: int = 0, data_plane_metadata: bytes = b"") -> PoolLayout:
         """Where this rank's pool lives, for a data plane that writes it remotely (sent after
-        every ``register_message``)."""
-        return PoolLayout(self.rank, pool_slots, embeddings_addr, fill_ids_addr, mrope_addr, aux_addr)
+        every ``register_message``), with what that plane needs to reach it."""
+        return PoolLayout(self.rank, pool_slots, embeddings_addr, fill_ids_addr, mrope_addr, aux_addr,
+                          data_plane_metadata)
 
     def _on_registered(self, message: Registered, now: float) -> list[Action]:
         """The sender answered our registration.  Refused: say why (``refusal``); no room

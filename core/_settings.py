@@ -34,7 +34,7 @@ def _positive_seconds(instance: Any, attribute: attrs.Attribute, value: Any) -> 
         raise SettingsError(f"{attribute.name} must be a positive number of seconds, got {value!r}", field=attribute.name)
 
 
-DATA_PLANES = ("mooncake", "zmq", "shm", "auto")
+DATA_PLANES = ("mooncake", "zmq", "shm", "auto", "nixl")
 PREALLOC_POLICIES = ("fixed", "adaptive")
 # str fields and the values each accepts
 CHOICES: dict[str, tuple[str, ...]] = {"dtype": DTYPE_NAMES, "data_plane": DATA_PLANES, "prealloc": PREALLOC_POLICIES}

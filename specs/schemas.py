@@ -3,10 +3,11 @@
 Rules:
 * A message is a tagged, versioned multipart frame: frame 0 is ``MAGIC + version + tag``;
   frame 1 packs the fixed-width fields (big-endian) in schema order; then one frame per
-  ``str`` field (UTF-8, at most ``MAX_STR_BYTES``); then one frame per ``extents`` field
-  (pairs of u32 ``start_block, block_count``).
+  ``str`` field (UTF-8, at most ``MAX_STR_BYTES``); then one frame per ``bytes`` field
+  (opaque, at most ``MAX_BYTES_FIELD``); then one frame per ``extents`` field (pairs of u32
+  ``start_block, block_count``).
 * Kinds: ``u32`` 0..2**32-1, ``u64`` 0..2**63-1 (room ids are SGLang's non-negative
-  int64), ``i64`` signed, ``str``, ``extents``.
+  int64), ``i64`` signed, ``str``, ``bytes``, ``extents``.
 * Tags are never reused; a new field means a new protocol version.
 The attrs classes in ``embxfer.core`` must have exactly these fields in this order (a test
 checks it); the native codec is driven by this table.
@@ -17,8 +18,11 @@ from __future__ import annotations
 from typing import Final
 
 MAGIC: Final = b"EMBX"
-VERSION: Final = 3  # 2: Register names its data plane; 3: a multipart may carry several messages
+# 2: Register names its data plane; 3: a multipart may carry several messages; 4: PoolLayout
+# carries the data plane's metadata (NIXL's agent metadata)
+VERSION: Final = 4
 MAX_STR_BYTES: Final = 1024
+MAX_BYTES_FIELD: Final = 1 << 16  # a NIXL agent's metadata: ~0.5 KiB over TCP, a few KiB with many RDMA NICs
 MAX_EXTENTS: Final = 1 << 16
 
 U32_MAX: Final = (1 << 32) - 1
@@ -56,10 +60,11 @@ MESSAGE_SCHEMAS: Final[dict[str, tuple[int, tuple[tuple[str, str], ...]]]] = {
     # either way: liveness, with the incarnation that tells a restarted peer apart; `rank`
     # is the receiver rank of the link (the sender's heartbeat names its destination)
     "Heartbeat": (7, (("rank", "u32"), ("incarnation", "u64"), ("sequence", "u64"))),
-    # receiver -> sender, after Register on a real data plane: where its pool buffers live
+    # receiver -> sender, after Register on a real data plane: where its pool buffers live,
+    # and what the data plane needs to reach them (NIXL: the agent metadata; others: empty)
     "PoolLayout": (8, (
         ("rank", "u32"), ("pool_slots", "u32"), ("embeddings_addr", "u64"), ("fill_ids_addr", "u64"),
-        ("mrope_addr", "u64"), ("aux_addr", "u64"),
+        ("mrope_addr", "u64"), ("aux_addr", "u64"), ("data_plane_metadata", "bytes"),
     )),
     # sender -> receiver: the answer to Register, with the sender's data-plane session;
     # a refusal says why (e.g. the two sides' block sizes)

@@ -129,7 +129,8 @@ aborts = st.builds(Abort, room=u64, rank=u32, reason=texts)
 abort_acks = st.builds(AbortAck, room=u64, rank=u32)
 heartbeats = st.builds(Heartbeat, rank=u32, incarnation=u64, sequence=u64)
 pool_layouts = st.builds(
-    PoolLayout, rank=u32, pool_slots=u32, embeddings_addr=u64, fill_ids_addr=u64, mrope_addr=u64, aux_addr=u64
+    PoolLayout, rank=u32, pool_slots=u32, embeddings_addr=u64, fill_ids_addr=u64, mrope_addr=u64, aux_addr=u64,
+    data_plane_metadata=st.binary(max_size=600),
 )
 registereds = st.builds(Registered, incarnation=u64, accepted=st.integers(0, 1), session_id=texts, reason=texts)
 
@@ -149,7 +150,7 @@ any_message = st.one_of(*STRATEGIES.values())
 
 def expected_frame_count(name: str) -> int:
     _, fields = MESSAGE_SCHEMAS[name]
-    return 2 + sum(1 for _, kind in fields if kind in ("str", "extents"))
+    return 2 + sum(1 for _, kind in fields if kind in ("str", "bytes", "extents"))
 
 
 # A valid Init whose frames the error tests (test_codec_errors.py) corrupt one at a time.

@@ -22,3 +22,15 @@ def receiver_without_quarantine(monkeypatch):
         self._release_quarantine(record.room)
 
     monkeypatch.setattr(_receiver.Receiver, "_fail", free_at_once)
+
+
+def require_plane(plane: str) -> None:
+    """Skip, saying why, where ``plane``'s optional engine is not installed (CI installs
+    every one, so there each plane's tests run)."""
+    if plane == "nixl":
+        from embxfer.transports.nixl import NixlUnavailable, load_nixl
+
+        try:
+            load_nixl()
+        except NixlUnavailable as error:
+            pytest.skip(f"the nixl data plane is not installed here: {error}")

@@ -14,7 +14,7 @@ from embxfer.core import (
     Abort, AbortAck, DecodeError, Heartbeat, Init, PoolLayout, Register, Registered, Resume, Status,
     decode, encode,
 )
-from embxfer.specs.schemas import MAGIC, MAX_EXTENTS, MAX_STR_BYTES, MESSAGE_SCHEMAS, U32_MAX, U64_MAX, VERSION
+from embxfer.specs.schemas import MAGIC, MAX_BYTES_FIELD, MAX_EXTENTS, MAX_STR_BYTES, MESSAGE_SCHEMAS, U32_MAX, U64_MAX, VERSION
 
 from fuzz_support import BLOCK_SIZE, DTYPE, FUZZ_ROOM_MIN, FUZZ_SOCKETS, HIDDEN, LIVE_RANK, POOL_BLOCKS, SETTINGS
 
@@ -115,6 +115,8 @@ def schema_frames(draw):
         elif kind == "str":
             strings.append(draw(st.one_of(texts.map(lambda s: s.encode("utf-8")), st.binary(max_size=24),
                                           st.just(b"\xff" * (MAX_STR_BYTES + 1)))))
+        elif kind == "bytes":
+            strings.append(draw(st.one_of(st.binary(max_size=24), st.just(b"\0" * (MAX_BYTES_FIELD + 1)))))
         else:
             pairs = draw(st.lists(st.tuples(small_u32, small_u32), max_size=5))
             extents.append(b"".join(EXTENT.pack(a, b) for a, b in pairs))

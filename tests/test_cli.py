@@ -37,6 +37,19 @@ def test_demo_over_the_zmq_data_plane(capsys):
     assert summary["succeeded"] == 9 and summary["wrong_rows"] == 0 and summary["leaked_blocks"] == 0
 
 
+def test_demo_and_fork_demo_over_nixl_print_clean_json(capsys):
+    from conftest import require_plane
+
+    require_plane("nixl")
+    assert main(["demo", "--transport", "nixl", "--rooms", "9", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)  # (NIXL logs to stdout unless quietened)
+    assert summary["transport"] == "ZeroMQ control (CURVE) + NIXL (UCX) data (2 processes)"
+    assert summary["succeeded"] == 9 and summary["wrong_rows"] == 0 and summary["leaked_blocks"] == 0
+    assert main(["demo", "--fork", "--transport", "nixl", "--rooms", "8", "--json"]) == 0
+    fork = json.loads(capsys.readouterr().out)
+    assert fork["requests"] == fork["exact"] == 8, fork
+
+
 def test_serve_encode_metrics_port_serves_prometheus_text():
     import re
     import signal

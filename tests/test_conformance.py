@@ -1,7 +1,8 @@
 """One conformance suite that every transport must pass: loopback (in-memory, scheduled),
 ZeroMQ control + Mooncake over TCP, ZeroMQ control + zero-copy zmq data frames, both on
 127.0.0.1 (real sockets, real threads; the zmq data plane needs no Mooncake), and ZeroMQ
-control + shared memory (the receiver's pool in a memfd the sender maps).
+control + shared memory (the receiver's pool in a memfd the sender maps), and ZeroMQ control
++ NIXL WRITEs over UCX.
 
 Each case checks exact rows on every receiver rank and every block back in every pool."""
 
@@ -14,6 +15,7 @@ from embxfer.adapters.workload import room_data
 from embxfer.core import Settings
 from embxfer.specs import invariants
 
+from conftest import require_plane
 from helpers import wait_until
 
 
@@ -21,6 +23,7 @@ class Harness:
     """Drive either kind of link with the same calls."""
 
     def __init__(self, kind: str, settings: Settings, receivers: int) -> None:
+        require_plane(kind)
         self.kind = kind
         self.settings = settings
         if kind == "loopback":
@@ -64,7 +67,7 @@ class Harness:
             self.link.close()
 
 
-TRANSPORTS = ["loopback", "mooncake", "zmq", "shm", "auto"]  # (auto: shared memory, both ends on this host)
+TRANSPORTS = ["loopback", "mooncake", "zmq", "shm", "auto", "nixl"]  # (auto: shared memory, both ends on this host)
 SETTINGS = Settings(block_size=16, default_blocks=4, pool_blocks=12, hidden_size=32, dtype="bfloat16")
 
 

@@ -24,6 +24,7 @@ class StuckEngine:
     needs_registration = True
     host_memory_only = False
     inline_bytes = 0
+    notes = False
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -35,7 +36,10 @@ class StuckEngine:
     def unregister(self, tensor) -> None:  # type: ignore[no-untyped-def]
         pass
 
-    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
+    def learn(self, target: str, layout) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int], note: bytes = b"") -> int:
         self.started.release()
         self.release.wait(30)
         return 0
@@ -88,7 +92,7 @@ class RecordingEngine(StuckEngine):
         self.on_call: Callable[[list[int]], None] = lambda remote: None
         self.calls: list[tuple[list[int], list[int], list[int]]] = []
 
-    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
+    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int], note: bytes = b"") -> int:
         super().write(target, local, remote, lengths)
         self.calls.append((list(local), list(remote), list(lengths)))
         self.on_call(remote)

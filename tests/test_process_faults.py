@@ -1,4 +1,5 @@
-"""Faults on real wires: kill -9 either process, drop the control socket, fail Mooncake writes.
+"""Faults on real wires: kill -9 either process (over Mooncake, shared memory, auto and NIXL),
+drop the control socket, fail Mooncake writes (NIXL's refused writes: test_nixl_plane.py).
 
 Each test asserts that the surviving side ends every room in a terminal state with the right
 reason within its bound, frees everything, and keeps serving new rooms with exact bytes.
@@ -20,6 +21,7 @@ from embxfer.adapters import EncodeServer, LanguageClient, Poll
 from embxfer.adapters.workload import room_data
 from embxfer.core import Settings
 
+from conftest import require_plane
 from helpers import wait_until
 from test_two_process import CLI, SETTINGS as CLI_SETTINGS, language, summary_of
 
@@ -38,7 +40,7 @@ DEATH_LIMIT = SETTINGS.heartbeat_interval * SETTINGS.heartbeat_misses
 SLACK = 2.0  # scheduling on a busy 2-core machine; the bound asserted is limit + slack
 
 
-PLANES = ["mooncake", "shm", "auto"]  # the zmq plane's faults: test_zmq_plane.py; auto: shm here
+PLANES = ["mooncake", "shm", "auto", "nixl"]  # the zmq plane's faults: test_zmq_plane.py; auto: shm here
 
 
 def start_encode_process(port: int = 0, plane: str = "mooncake") -> tuple[subprocess.Popen, str]:
@@ -95,6 +97,7 @@ def test_kill_9_encode_mid_resume_then_a_restarted_encode_at_the_same_address(pr
     the encode side dies, and must tell a restarted encode process from the old one.  On
     shared memory the dead writer's copies died with it; its rooms' slots still wait out
     the quarantine rule like every plane's (the core's rule, not the plane's)."""
+    require_plane(plane)
     files_before = shm_files()
     encode, addr = start_encode_process(plane=plane)
     processes.append(encode)
@@ -156,6 +159,7 @@ def test_kill_9_language_mid_transfer_then_a_new_language_process_reusing_room_i
     """The encode side fails the dead rank's rooms within the heartbeat bound, lets every
     source go, and serves a restarted language process whose room ids start over.  On shared
     memory it unmaps the dead process's pool (the memory goes with it; no file is left)."""
+    require_plane(plane)
     files_before = shm_files()
     settings = attrs.evolve(SETTINGS, data_plane=plane)
     server = EncodeServer(settings, data_for_room=lambda room: room_data(SEED, room, SETTINGS))

@@ -53,6 +53,7 @@ class AutoEngine:
     needs_registration = True  # Mooncake reads only registered memory (shared memory reads any)
     host_memory_only = True  # a receiver may be routed to shared memory: rows on a device come to the host once
     inline_bytes = 0  # (per route: ``route`` returns the engine whose own limit applies)
+    notes = False
 
     def __init__(self, mooncake: Any, shm: ShmEngine | None, shm_problem: str = "") -> None:
         """``shm``: None where this process cannot use shared memory (``shm_problem`` says why)."""
@@ -95,13 +96,16 @@ class AutoEngine:
         log.warning("receiver %s: over Mooncake, not shared memory: %s", mooncake_part, why)
         return self.mooncake, mooncake_part
 
+    def learn(self, target: str, layout: Any) -> None:
+        """(``route`` returns the engine that writes: it learns, not this one.)"""
+
     def register(self, tensor: torch.Tensor) -> None:
         self.mooncake.register(tensor)
 
     def unregister(self, tensor: torch.Tensor) -> None:
         self.mooncake.unregister(tensor)
 
-    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
+    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int], note: bytes = b"") -> int:
         engine, routed = self.route(target)
         return int(engine.write(routed, local, remote, lengths))
 

@@ -1,7 +1,7 @@
 """The sender's data plane over a write engine (Mooncake, or same-host shared memory): stage
 a room's rows, write each round's extents as one batch on worker threads, report back.
 
-An engine (``MooncakeEngine``, ``ShmEngine``) offers ``write(target, local, remote, lengths)``
+An engine (``MooncakeEngine``, ``ShmEngine``, ``NixlEngine``) offers ``write(target, local, remote, lengths)``
 returning 0 when every range was written (anything else, or raising, is a failed round);
 ``register``/``unregister`` of the memory it reads (``needs_registration``: Mooncake reads
 only registered memory; shared memory reads any), ``name`` for its error messages and
@@ -28,6 +28,7 @@ from embxfer.core import Allocation, Allocator, PoolLayout, Settings, WriteRows
 from embxfer.specs.schemas import AUX_WORDS
 
 from .buffers import SourceRows
+from .notes import note_for
 
 ARENA_BYTES = 32 << 20  # the registered staging arena for small rooms
 ARENA_BLOCK = 4096
@@ -44,10 +45,13 @@ class WriteEngine(Protocol):
     needs_registration: bool
     host_memory_only: bool  # it cannot read device memory: rows on a device are copied to the host once
     inline_bytes: int  # a write this small runs on the caller's thread (0: never; it may block)
+    notes: bool  # ``write`` sends ``note`` (what the write carries) for the receiver to check (NIXL); others ignore it
 
     def register(self, tensor: torch.Tensor) -> None: ...
     def unregister(self, tensor: torch.Tensor) -> None: ...
-    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int: ...
+    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int], note: bytes = b"") -> int: ...
+    # what the receiver's ``PoolLayout`` says (called before each write to ``target``)
+    def learn(self, target: str, layout: PoolLayout) -> None: ...
     def prune(self, closing: bool = False) -> None: ...
     # the engine that writes to ``target`` and what it calls it (itself, or one it routes to)
     def route(self, target: str) -> tuple["WriteEngine", str]: ...
@@ -213,8 +217,9 @@ class BatchWriter:
             on_done(write, str(problem))
             return
         engine, target = self.engine.route(target)
+        engine.learn(target, layout)
         if sum(batch[2]) <= engine.inline_bytes and not self._closing and write.room not in self._cancelled:
-            on_done(write, self._engine_write(engine, target, batch))
+            on_done(write, self._engine_write(engine, target, batch, [write]))
             return
         pending = _Pending(write, batch, on_done)
         with self._target_lock:
@@ -237,7 +242,8 @@ class BatchWriter:
         if live:
             try:
                 started = time.monotonic()
-                error = self._engine_write(engine, target, _merged([pending.batch for pending in live]))
+                error = self._engine_write(engine, target, _merged([pending.batch for pending in live]),
+                                           [pending.write for pending in live])
                 errors.update((id(pending), error) for pending in live)
                 if error is not None and len(live) > 1:
                     # a quick failure (one broken lane, not a peer that does not answer) must
@@ -250,7 +256,8 @@ class BatchWriter:
                         with self._target_lock:
                             cancelled = self._closing or pending.write.room in self._cancelled
                             self._writes_cancelled += cancelled
-                        errors[id(pending)] = CANCELLED if cancelled else self._engine_write(engine, target, pending.batch)
+                        errors[id(pending)] = CANCELLED if cancelled else self._engine_write(
+                            engine, target, pending.batch, [pending.write])
             finally:
                 with self._target_lock:
                     self._in_engine -= len(live)
@@ -272,10 +279,11 @@ class BatchWriter:
             raise raised
 
     @staticmethod
-    def _engine_write(engine: WriteEngine, target: str, batch: tuple[list[int], list[int], list[int]]) -> str | None:
-        """One batch through the engine: None when written, else why not."""
+    def _engine_write(engine: WriteEngine, target: str, batch: tuple[list[int], list[int], list[int]],
+                      writes: list[WriteRows]) -> str | None:
+        """One batch (of ``writes``) through the engine: None when written, else why not."""
         try:
-            rc = engine.write(target, *batch)
+            rc = engine.write(target, *batch, note=note_for(writes)) if engine.notes else engine.write(target, *batch)
         except Exception as raised:  # the thread must survive anything the engine does
             return f"{engine.name} raised {type(raised).__name__}: {raised}"
         return None if rc == 0 else f"{engine.name} returned {rc}"

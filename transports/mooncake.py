@@ -80,6 +80,7 @@ class MooncakeEngine:
     needs_registration = True  # the engine reads only memory registered with it
     host_memory_only = False  # (registered device memory too, where the engine is built for it)
     inline_bytes = 0  # a write may block for seconds (a peer that does not answer): always on a worker
+    notes = False
 
     def __init__(self, host: str = "127.0.0.1", protocol: str = "tcp", device: str = "", verbose: bool = False,
                  *, retry_for: float = 0.0, cancelled: Callable[[], bool] | None = None) -> None:
@@ -132,7 +133,7 @@ class MooncakeEngine:
         if self._registered.pop(address, None) is not None:
             self.engine.unregister_memory(address)
 
-    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
+    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int], note: bytes = b"") -> int:
         """One batch; a quick failure is retried once (a broken TCP lane), a slow one is not
         (a peer that does not answer).  Returns the engine's code (0 = written)."""
         started = time.monotonic()
@@ -140,6 +141,9 @@ class MooncakeEngine:
         if rc != 0 and time.monotonic() - started < SLOW_FAILURE:
             rc = int(self.engine.batch_transfer_sync_write(target, local, remote, lengths))
         return rc
+
+    def learn(self, target: str, layout: Any) -> None:
+        """(The session is the peer's address: nothing to learn from the layout.)"""
 
     def route(self, target: str) -> tuple["MooncakeEngine", str]:
         return self, target

@@ -150,6 +150,7 @@ class ShmEngine:
     needs_registration = False  # it reads the caller's tensors wherever they are in this process
     host_memory_only = True  # (a memcpy)
     inline_bytes = 256 << 10  # copied on the I/O thread in ~10 µs: cheaper than a hand-off to a worker
+    notes = False
 
     def __init__(self) -> None:
         self.identity = host_identity()
@@ -162,7 +163,7 @@ class ShmEngine:
     def unregister(self, tensor: torch.Tensor) -> None:
         pass
 
-    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int]) -> int:
+    def write(self, target: str, local: list[int], remote: list[int], lengths: list[int], note: bytes = b"") -> int:
         mapping = self._acquire(target)
         try:
             base, size, address = mapping.session.base, mapping.session.size, mapping.address
@@ -174,6 +175,9 @@ class ShmEngine:
         finally:
             self._let_go(mapping)
         return 0
+
+    def learn(self, target: str, layout: Any) -> None:
+        """(The session says where the pool is: nothing to learn from the layout.)"""
 
     def route(self, target: str) -> tuple["ShmEngine", str]:
         return self, target

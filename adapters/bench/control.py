@@ -171,7 +171,7 @@ CONTROL_COLUMNS = [
     Column("zmq round trips/s", "zmq_round_trips_per_s"),
     Column("rooms÷round trips", "rooms_per_s/zmq_round_trips_per_s", "ratio"),
 ]
-PLANES = ("mooncake", "zmq", "shm")
+PLANES = ("mooncake", "zmq", "shm", "nixl")
 # what holds each plane's small rooms back (py-spy of both processes, CPU time per room)
 WHY_SMALL = {
     "mooncake": "Mooncake's engine costs ~26 µs of CPU per range written (3–4 ranges a small room) plus "
@@ -179,6 +179,8 @@ WHY_SMALL = {
                 "to one peer already go as one call)",
     "zmq": "a data message and its acknowledgement per room on the writer and receiver threads, beside "
            "the control messages",
+    "nixl": "a NIXL request made, posted, polled and released per write (several rounds queued to one "
+            "peer go as one), beside Python per room on both I/O threads, on 2 cores",
     "shm": "Python per room on both I/O threads (~200 µs of CPU on the encode side, a fifth of it the "
            "synthetic workload's own rows) on 2 cores shared by both processes",
 }
@@ -253,7 +255,7 @@ def run_control_plane(levels: list[int], rooms_at: Callable[[int], int], step: S
             case.rows.append(row)
     case.verified = True  # every plane's first rooms were compared byte for byte (or it is n/a, with why)
     case.notes.append(f"encode side: serve-encode --synthetic-seed {SEED} in a child process ({'; '.join(said)})")
-    case.notes.append(f"a room = Init, a write of its rows (Mooncake TCP, zmq frames or a shared-memory copy), "
+    case.notes.append(f"a room = Init, a write of its rows (Mooncake TCP, zmq frames, a shared-memory copy or a NIXL WRITE), "
                       f"Status; the target applies from {TARGET_MIN_IN_FLIGHT} in flight (one at a time measures "
                       f"latency); baseline: bare ZeroMQ round trips with as many in flight")
     return case

@@ -59,7 +59,7 @@ WHY_ROOM_OVER_RAW = ("a room adds two control hops (Init, Status over ZeroMQ), a
                      "and back, and Python on both I/O threads (~0.5 ms) to the one write; "
                      "Mooncake TCP's own speed swings up to 2× between runs here")
 WHY_RESUME = ("a resume adds a Status → Resume hop, a second write, and assembling the rows out of the "
-              "pool into a fresh result (page faults on first touch at 64 MB)")
+              "pool into the result (memory a finished lease gave back, or fresh memory: page faults on first touch)")
 WHY_SHM = ("both copies run at memory speed; what is left is the fixed cost of a room (two control hops "
            "between processes, thread hand-offs: ~1 ms), which 16 MB at ~20 GB/s cannot hide")
 WHY_ZMQ = ("the zmq plane's receiver copies every frame into the pool under the client's lock on one "
@@ -215,6 +215,7 @@ DATA_PLANE_COLUMNS = [
     Column("embxfer mc", "embxfer_mooncake"),
     Column("embxfer zmq", "embxfer_zmq"),
     Column("embxfer shm", "embxfer_shm"),
+    Column("embxfer nixl", "embxfer_nixl"),
     Column("raw mc", "raw_mooncake"),
     Column("memcpy", "memcpy"),
     Column("pickle zmq", "pickle_zmq"),
@@ -224,18 +225,19 @@ DATA_PLANE_COLUMNS = [
     Column("mc÷pickle", "embxfer_mooncake/pickle_zmq", "ratio"),
     Column("shm÷mc", "embxfer_shm/embxfer_mooncake", "ratio"),
     Column("shm÷memcpy", "embxfer_shm/memcpy", "ratio"),
+    Column("nixl÷mc", "embxfer_nixl/embxfer_mooncake", "ratio"),
 ]
 
 
 def data_plane_steps(sizes: list[int], resumes: list[int]) -> int:
-    return len(sizes) * (3 + 3 * len(resumes))
+    return len(sizes) * (3 + 4 * len(resumes))
 
 
 def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step) -> CaseResult:
     case = CaseResult(
         "data-plane", f"Data plane: one room over 127.0.0.1, MB/s (median of {repeat})",
-        {name: "MB/s" for name in ("embxfer_mooncake", "embxfer_zmq", "embxfer_shm", "raw_mooncake", "memcpy",
-                                   "pickle_zmq")},
+        {name: "MB/s" for name in ("embxfer_mooncake", "embxfer_zmq", "embxfer_shm", "embxfer_nixl", "raw_mooncake",
+                                   "memcpy", "pickle_zmq")},
         DATA_PLANE_COLUMNS,
     )
     raw = RawMooncake()
@@ -256,7 +258,7 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
             row.params["resume_rounds"] = rounds_seen
             row.figure("embxfer_mooncake", nbytes / seconds / 1e6)
             step(f"{megabytes} MB {resume} resumes embxfer mooncake")
-            for plane in ("zmq", "shm"):  # planes that may be unavailable here: n/a, with why
+            for plane in ("zmq", "shm", "nixl"):  # planes that may be unavailable here: n/a, with why
                 try:
                     plane_seconds, _ = embxfer_seconds(megabytes, resume, repeat, plane)
                     row.figure(f"embxfer_{plane}", nbytes / plane_seconds / 1e6)
@@ -274,6 +276,7 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
             row.ratio("embxfer_zmq/embxfer_mooncake", "embxfer_zmq", "embxfer_mooncake")
             row.ratio("embxfer_shm/embxfer_mooncake", "embxfer_shm", "embxfer_mooncake")
             row.ratio("embxfer_shm/memcpy", "embxfer_shm", "memcpy")
+            row.ratio("embxfer_nixl/embxfer_mooncake", "embxfer_nixl", "embxfer_mooncake")
             if resume == 0 and megabytes >= 4:
                 row.target("embxfer_mooncake/raw_mooncake", ">=", 0.95, "embxfer ÷ raw Mooncake ≥ 0.95 from 4 MB, no resume",
                            WHY_ROOM_OVER_RAW)
@@ -296,7 +299,9 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
     case.verified = True  # every transport's first run was compared byte for byte (or raised)
     case.notes.append("a room = init(lease=True) → Success → its rows in hand (a room whole in round 0 is read in the pool: "
                       "no copy out of it; resumed rooms are assembled); "
-                      "mc = ZeroMQ control + Mooncake TCP writes; shm = ZeroMQ control + shared-memory copies; raw mc = one transfer_sync_write of the same bytes; "
+                      "mc = ZeroMQ control + Mooncake TCP writes; shm = ZeroMQ control + shared-memory copies; "
+                      "nixl = ZeroMQ control + one NIXL WRITE a round (UCX picks its transport: shared memory between "
+                      "two processes of one host); raw mc = one transfer_sync_write of the same bytes; "
                       "pickle zmq = send_pyobj over REQ to a REP thread, unpickled (upstream SGLang EPD); "
                       "memcpy = one thread, warm destination")
     return case

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from embxfer.transports.mooncake import MooncakeEngine, register_pool
+from embxfer.transports.nixl import NixlEngine
 
 from .._encode import EncodeServer
 from .._language import LanguageClient
@@ -29,7 +30,7 @@ class EmbeddingManager(ManagerBase):
         super().__init__(args, disaggregation_mode, server_args)
         self.host = str(getattr(server_args, "host", None) or "127.0.0.1")
         self.encode_tp_size = int(getattr(server_args, "embxfer_encode_tp_size", 1) or 1)
-        self.engine: MooncakeEngine | None = None
+        self.engine: MooncakeEngine | NixlEngine | None = None
         self.server: EncodeServer | None = None
         if self.mode == ENCODE:
             self.server = EncodeServer(self.settings, host=self.host,
@@ -39,6 +40,8 @@ class EmbeddingManager(ManagerBase):
             if self.settings.data_plane in ("mooncake", "auto"):
                 self.engine = MooncakeEngine(self.host)
                 register_pool(self.engine, self.buffers.pool)
+            elif self.settings.data_plane == "nixl":
+                self.engine = NixlEngine("language")  # one agent for the pool every client shares
 
     def now(self) -> float:
         return time.monotonic()
@@ -63,3 +66,5 @@ class EmbeddingManager(ManagerBase):
         self._links.clear()
         if self.server is not None:
             self.server.close()
+        if isinstance(self.engine, NixlEngine):
+            self.engine.close()  # the shared pool's registration, while its memory is still ours

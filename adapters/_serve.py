@@ -17,6 +17,7 @@ from embxfer.core import LocalProtocolError, Poll
 from embxfer.transports.auth import AuthKeys
 from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeUnavailable
+from embxfer.transports.nixl import NixlUnavailable
 
 from ._auth_flags import AuthChoiceError, auth_from
 from ._encode import EncodeServer
@@ -124,16 +125,17 @@ def serve_encode(args: argparse.Namespace) -> int:
     data_for_room = None if seed is None else synthetic
     try:
         server = EncodeServer(settings, host=args.host, bootstrap_port=args.bootstrap_port, protocol=args.protocol,
-                              device=args.device, data_for_room=data_for_room, verbose=args.verbose,
+                              device=args.rdma_device, data_for_room=data_for_room, verbose=args.verbose,
                               forget_finished=True, close_grace=args.shutdown_grace, cancelled=stop.event.is_set,
                               auth=auth)
-    except MooncakeUnavailable as error:
+    except (MooncakeUnavailable, NixlUnavailable) as error:
         if stop.event.is_set():
             print("embxfer serve-encode: interrupted while starting", file=sys.stderr, flush=True)
             return 130
         print(f"embxfer: {error}", file=sys.stderr)
         return 3
-    plane = "zmq" if server.engine is None else f"mooncake/{args.protocol}, session {server.session_id}"
+    plane = settings.data_plane + (f"/{args.protocol}, session {server.session_id}"
+                                   if settings.data_plane in ("mooncake", "auto") else "")
     secured = (f"CURVE, {len(auth.admitted())} language key(s) admitted" if auth is not None else
                "insecure: anyone who reaches the port can register, send and abort")
     print(f"embxfer serve-encode: ready on {server.bootstrap_addr} (data plane {plane}; {secured})", flush=True)
@@ -211,11 +213,11 @@ def serve_language(args: argparse.Namespace) -> int:
     try:
         client = LanguageClient(settings, args.bootstrap_addr, rank=args.rank,
                                 required_dst_info_num=args.required_dst_info_num, protocol=args.protocol,
-                                device=args.device, host=args.host, verbose=args.verbose, wait_for_peer=False,
+                                device=args.rdma_device, host=args.host, verbose=args.verbose, wait_for_peer=False,
                                 cancelled=stop.event.is_set, auth=auth)
         if not client.wait_connected(settings.bootstrap_timeout, cancelled=stop.event.is_set):
             _interrupted_while_connecting()
-    except MooncakeUnavailable as error:
+    except (MooncakeUnavailable, NixlUnavailable) as error:
         if stop.event.is_set():
             _interrupted_while_connecting()
         print(f"embxfer: {error}", file=sys.stderr)

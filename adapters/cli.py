@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("--bootstrap-port", type=int, default=8001, help="0 picks a free port (printed)")
     encode.add_argument("--host", default="127.0.0.1")
     encode.add_argument("--protocol", choices=["tcp", "rdma"], default="tcp")
-    encode.add_argument("--device", default="", help="RDMA device, e.g. mlx5_0")
+    encode.add_argument("--device", dest="rdma_device", default="", help="RDMA device, e.g. mlx5_0 (the pool's device: --pool-device)")
     encode.add_argument("--synthetic-seed", type=int, default=None,
                         help="answer every room with deterministic synthetic rows")
     encode.add_argument("--skip-every", type=int, default=0, metavar="N",
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     language.add_argument("--required-dst-info-num", type=int, default=1)
     language.add_argument("--host", default="127.0.0.1", help="this side's data-plane address")
     language.add_argument("--protocol", choices=["tcp", "rdma"], default="tcp")
-    language.add_argument("--device", default="")
+    language.add_argument("--device", dest="rdma_device", default="", help="RDMA device, e.g. mlx5_0")
     language.add_argument("--abort-every", type=int, default=0, metavar="N",
                           help="abort every Nth room right after its init (for soak tests)")
     language.add_argument("--report-every", type=int, default=0, metavar="N",

@@ -66,6 +66,9 @@ SETTINGS_FLAGS: tuple[SettingsFlag, ...] = (
                  help="seconds a finished room nobody reads is kept (EMBXFER_RETENTION_TIMEOUT)"),
     SettingsFlag("--admission-timeout", "admission_timeout", float,
                  help="seconds a scheduler-driven request may wait for blocks before its init (EMBXFER_ADMISSION_TIMEOUT)"),
+    SettingsFlag("--pool-device", "device",
+                 help="where the receiver's pool and results live: cpu (default), cuda or cuda:N; the "
+                      "mooncake (a CUDA build) and nixl planes write device memory (EMBXFER_DEVICE)"),
     SettingsFlag("--prealloc", "prealloc", choices=("fixed", "adaptive"),
                  help="a room's first allocation: fixed (default_blocks) or adaptive (EMBXFER_PREALLOC)"),
 )

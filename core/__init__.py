@@ -31,7 +31,7 @@ from ._messages import (
 )
 from ._receiver import Receiver
 from ._sender import Sender
-from ._settings import Settings
+from ._settings import HOST_MEMORY_PLANES, Settings
 
 __all__ = [
     # endpoints and what they ask of their driver
@@ -44,6 +44,6 @@ __all__ = [
     # codecs
     "encode", "decode", "peek_type", "split_messages", "fork_encode", "fork_decode", "fork_to_native", "native_to_fork", "ForkInit", "ForkResume",
     # settings and errors
-    "Settings", "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "DecodeError", "BlockSizeMismatch",
+    "Settings", "HOST_MEMORY_PLANES", "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "DecodeError", "BlockSizeMismatch",
     "InvalidField", "IllegalTransition", "SettingsError", "AllocatorError", "RoomFailedError",
 ]

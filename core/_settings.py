@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,15 @@ def _one_of(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # t
         raise SettingsError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}", field=attribute.name)
 
 
+HOST_MEMORY_PLANES = ("zmq", "shm", "auto")  # planes whose receiver pool must be host memory
+_DEVICE = re.compile(r"cpu|cuda(:(0|[1-9][0-9]{0,3}))?")
+
+
+def _device(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise SettingsError(f"{attribute.name} must be cpu, cuda or cuda:N, got {value!r}", field=attribute.name)
+
+
 @attrs.frozen
 class Settings:
     """Sizes, timeouts and intervals shared by both sides of a link.
@@ -85,6 +95,9 @@ class Settings:
     # a scheduler-driven request (the SGLang fork's) may wait this long for the engine to
     # find it blocks and call init; the wait spends none of its bootstrap_timeout
     admission_timeout: float = attrs.field(default=600.0, validator=_positive_seconds)
+    # where the receiver's pool and its results live (torch device names); a sender's rows may
+    # be on any device whatever this says
+    device: str = attrs.field(default="cpu", validator=_device)
 
     def __attrs_post_init__(self) -> None:
         if self.default_blocks > self.pool_blocks:
@@ -96,6 +109,11 @@ class Settings:
             raise SettingsError(
                 f"pool_blocks x block_size ({self.pool_blocks} x {self.block_size}) must be at most {U32_MAX} slots"
                 " (slot numbers are u32 on the wire)", field="pool_blocks",
+            )
+        if self.device != "cpu" and self.data_plane in HOST_MEMORY_PLANES:
+            raise SettingsError(
+                f"device {self.device!r}: the {self.data_plane} data plane writes the pool as host memory "
+                "(use device cpu, or the mooncake or nixl plane)", field="device",
             )
         minimum = self.bootstrap_timeout + self.waiting_timeout
         if not self.quarantine_timeout > minimum:
@@ -189,6 +207,7 @@ _RELATED_FIELDS: dict[str, tuple[str, ...]] = {
     "default_blocks": ("default_blocks", "pool_blocks", "block_size"),
     "pool_blocks": ("pool_blocks", "block_size"),
     "quarantine_timeout": ("quarantine_timeout", "bootstrap_timeout", "waiting_timeout"),
+    "device": ("device", "data_plane"),
 }
 
 
@@ -210,6 +229,10 @@ def _parse_env(name: str, raw: str, field: attrs.Attribute) -> Any:  # type: ign
         if not seconds > 0 or seconds == float("inf"):
             raise SettingsError(f"{name} must be a positive number of seconds, got {raw!r}", field=name)
         return seconds
+    if field.name == "device":
+        if not _DEVICE.fullmatch(text):
+            raise SettingsError(f"{name} must be cpu, cuda or cuda:N, got {raw!r}", field=name)
+        return text
     choices = CHOICES[field.name]
     if text not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}", field=name)

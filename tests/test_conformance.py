@@ -8,23 +8,47 @@ Each case checks exact rows on every receiver rank and every block back in every
 
 from __future__ import annotations
 
+import attrs
 import pytest
+import torch
 
-from embxfer.adapters import Poll, connect_local, connect_loopback
+from embxfer.adapters import EmbeddingData, Poll, connect_local, connect_loopback
 from embxfer.adapters.workload import room_data
-from embxfer.core import Settings
+from embxfer.core import HOST_MEMORY_PLANES, Settings
 from embxfer.specs import invariants
 
 from conftest import require_plane
 from helpers import wait_until
 
 
-class Harness:
-    """Drive either kind of link with the same calls."""
+def require_device(kind: str, device: str) -> None:
+    """Skip, saying why, a device this host lacks or a plane that cannot write it."""
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        pytest.skip(f"no CUDA device here (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): "
+                    f"the {device} cases run on a GPU host (.ci/gpu-check)")
+    if kind in HOST_MEMORY_PLANES:
+        pytest.skip(f"the {kind} plane writes the pool as host memory (Settings refuses device {device!r})")
 
-    def __init__(self, kind: str, settings: Settings, receivers: int) -> None:
+
+def on_device(data: EmbeddingData, device: str) -> EmbeddingData:
+    """The sender's rows on ``device`` (it takes rows on any device)."""
+    if device == "cpu":
+        return data
+    return EmbeddingData(data.embeddings.to(device), data.fill_ids.to(device), data.mrope_positions.to(device),
+                         data.mrope_position_delta)
+
+
+class Harness:
+    """Drive either kind of link with the same calls, its pool (and the sender's rows) on ``device``."""
+
+    def __init__(self, kind: str, settings: Settings, receivers: int, device: str = "cpu") -> None:
         require_plane(kind)
+        require_device(kind, device)
+        settings = attrs.evolve(settings, device=device)
         self.kind = kind
+        self.device = device
         self.settings = settings
         if kind == "loopback":
             self.link = connect_loopback(settings, receivers)
@@ -35,11 +59,11 @@ class Harness:
         sent = {room: room_data(11, room, self.settings, num_tokens=n) for room, n in lengths.items()}
         for room, data in sent.items():
             if send_first:
-                self.link.sender.send(room, data)
+                self.link.sender.send(room, on_device(data, self.device))
             for rx in self.link.receivers:
                 rx.init(room)
             if not send_first:
-                self.link.sender.send(room, data)
+                self.link.sender.send(room, on_device(data, self.device))
         if self.kind == "loopback":
             self.link.run_until_idle()
         else:
@@ -47,7 +71,9 @@ class Harness:
         for room, data in sent.items():
             for rx in self.link.receivers:
                 assert rx.poll(room) == Poll.Success, (room, rx.failure(room))
-                assert not invariants.rows_equal(data, rx.take(room)), f"room {room}"
+                result = rx.take(room)
+                assert result.embeddings.device == torch.device(self.device)  # results live where the pool does
+                assert not invariants.rows_equal(data, result), f"room {room}"
         return sent
 
     def assert_all_free(self) -> None:
@@ -71,16 +97,20 @@ TRANSPORTS = ["loopback", "mooncake", "zmq", "shm", "auto", "nixl"]  # (auto: sh
 SETTINGS = Settings(block_size=16, default_blocks=4, pool_blocks=12, hidden_size=32, dtype="bfloat16")
 
 
-@pytest.fixture(params=TRANSPORTS)
+DEVICES = ["cpu", "cuda"]  # every case on each device present (cuda: skipped, with why, where there is none)
+CASES = [(kind, device) for device in DEVICES for kind in TRANSPORTS]
+
+
+@pytest.fixture(params=CASES, ids=[f"{kind}-{device}" for kind, device in CASES])
 def one(request):
-    harness = Harness(request.param, SETTINGS, 1)
+    harness = Harness(request.param[0], SETTINGS, 1, request.param[1])
     yield harness
     harness.close()
 
 
-@pytest.fixture(params=TRANSPORTS)
+@pytest.fixture(params=CASES, ids=[f"{kind}-{device}" for kind, device in CASES])
 def two(request):
-    harness = Harness(request.param, SETTINGS, 2)
+    harness = Harness(request.param[0], SETTINGS, 2, request.param[1])
     yield harness
     harness.close()
 

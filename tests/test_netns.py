@@ -217,3 +217,70 @@ def test_a_blackholed_receiver_does_not_stall_writes_to_a_healthy_one(link: Veth
     _say(request.config, f"healthy receiver right after a blackholed one: {summary['succeeded']}/3 succeeded, "
                          f"failures {summary['failure_reasons']}")
     assert code == 0 and summary["succeeded"] == 3, summary
+
+
+# NIXL: the language side's UCX advertises the addresses of the devices UCX_NET_DEVICES names.
+# It is given a veth pair of its own inside the language namespace (both ends there), with
+# 198.19.1.9 on one end, and advertises only that; the encode side routes 198.19.1.0/24 over the
+# link, and the language host drops whatever arrives for it from the link (a policy-routing
+# blackhole ahead of the local table): SYNs vanish without an answer.  UCX_TLS=tcp keeps UCX
+# off the shared-memory transports two namespaces of one host would share.
+NIXL_BLACKHOLE = "198.19.1.9"
+NIXL_ENV = {"UCX_TLS": "tcp"}
+
+
+def _blackhole_nixl_address(link: VethLink) -> str:
+    """The device UCX_NET_DEVICES names on the language side."""
+    device, other = f"{link.lang_dev}b", f"{link.lang_dev}c"
+    ip("-n", link.lang_ns, "link", "add", device, "type", "veth", "peer", "name", other)
+    ip("-n", link.lang_ns, "addr", "add", f"{NIXL_BLACKHOLE}/32", "dev", device)
+    for end in (device, other):
+        ip("-n", link.lang_ns, "link", "set", end, "up")
+    ip("-n", link.lang_ns, "rule", "add", "pref", "100", "lookup", "local")
+    ip("-n", link.lang_ns, "rule", "del", "pref", "0")
+    ip("-n", link.lang_ns, "rule", "add", "pref", "10", "iif", link.lang_dev, "to", NIXL_BLACKHOLE, "blackhole")
+    ip("-n", link.enc_ns, "route", "add", "198.19.1.0/24", "via", link.lang_ip)
+    return device
+
+
+def test_a_blackholed_nixl_receiver_fails_its_rooms_in_time_and_a_healthy_one_is_served(
+        link: VethLink, request: pytest.FixtureRequest):
+    from conftest import require_plane
+
+    require_plane("nixl")
+    device = _blackhole_nixl_address(link)
+    encode = link.run("enc", "serve-encode", [
+        "serve-encode", "--host", link.enc_ip, "--bootstrap-port", "0", "--synthetic-seed", SEED, "--json",
+        "--no-progress", *SETTINGS, "--data-plane", "nixl"], env=NIXL_ENV)
+    addr = encode.wait_for(lambda out: re.search(r"ready on (\S+)", out), key="out", timeout=120,
+                           what="the 'ready on' line").group(1)
+    rooms = 3
+    bad = link.run("lang", "serve-language@blackholed", [
+        "serve-language", "--bootstrap-addr", addr, "--requests", str(rooms), "--in-flight", str(rooms),
+        "--synthetic-seed", SEED, "--verify", "--json", *SETTINGS, "--data-plane", "nixl"],
+        env={**NIXL_ENV, "UCX_NET_DEVICES": device})
+    bad.wait_for(lambda err: progress(rooms)(err) >= 0, timeout=120, what="registration (the progress bar)")
+    registered_at = time.monotonic()
+    code = bad.wait(timeout=max(TIMEOUTS.values()) + SLACK + 60)
+    took = bad.exited_at - registered_at  # type: ignore[operator]
+    summary = bad.summary()
+    _say(request.config, f"NIXL receiver advertising blackholed {NIXL_BLACKHOLE}: {summary['failed']}/{rooms} rooms "
+                         f"failed, the language process ended {took:.2f} s after registering; failures "
+                         f"{summary['failure_reasons']}")
+    assert code == 1, bad.describe()
+    assert summary["failed"] == rooms and summary["leaked_blocks"] == 0 and summary["wrong_rows"] == 0, summary
+    assert took <= max(TIMEOUTS.values()) + SLACK, (took, summary)
+    assert encode.running(), f"serve-encode died:\n{encode.describe()}"
+
+    healthy = link.run("lang", "serve-language@healthy", [
+        "serve-language", "--bootstrap-addr", addr, "--requests", "3", "--in-flight", "3", "--first-room", "100",
+        "--synthetic-seed", SEED, "--verify", "--json", "--no-progress", *SETTINGS, "--data-plane", "nixl"],
+        env=NIXL_ENV)
+    code = healthy.wait(timeout=120)
+    second = healthy.summary()
+    _say(request.config, f"healthy NIXL receiver right after: {second['succeeded']}/3 succeeded, "
+                         f"failures {second['failure_reasons']}")
+    assert code == 0 and second["succeeded"] == 3 and second["verified"], healthy.describe()
+    encode_summary, stop_seconds = stop_encode(encode)
+    _say(request.config, f"serve-encode stopped in {stop_seconds:.2f} s: {encode_summary}")
+    assert encode_summary["sources_held"] == 0, encode_summary

@@ -182,3 +182,17 @@ def test_metadata_that_is_not_the_sessions_own_fails_the_write_not_the_process()
     with pytest.raises(ValueError, match="not an embxfer NIXL envelope"):
         engine.write("nixl:garbage", [1], [2], [3])
     other.close()
+
+
+def test_a_process_that_used_nixl_exits_cleanly() -> None:
+    """UCX's InfiniBand module on a host without RDMA devices crashed the process at exit
+    (SIGSEGV in the wheel's libnl): embxfer leaves it out there (UCX_MODULES=^ib)."""
+    import subprocess
+    import sys
+
+    script = ("import torch\nfrom embxfer.transports.nixl import NixlEngine\n"
+              "engine = NixlEngine('exit')\npool = torch.zeros(1 << 20, dtype=torch.uint8)\n"
+              "engine.register(pool)\nengine.close()\nprint('closed')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "closed\n", (done.returncode, done.stdout, done.stderr)
+    assert done.stderr == ""

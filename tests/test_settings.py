@@ -51,7 +51,7 @@ def test_defaults() -> None:
 
 def test_field_set() -> None:
     names = {f.name for f in attrs.fields(Settings)}
-    assert set(INT_FIELDS) | set(TIMEOUT_FIELDS) | {"dtype", "data_plane", "prealloc"} == names
+    assert set(INT_FIELDS) | set(TIMEOUT_FIELDS) | {"dtype", "data_plane", "prealloc", "device"} == names
 
 
 @pytest.mark.parametrize("field, good, bad", [("data_plane", "zmq", "tcp"), ("prealloc", "adaptive", "learned")])

@@ -12,7 +12,8 @@ from embxfer.core import Settings
 NON_DEFAULT = Settings(
     block_size=4, default_blocks=3, pool_blocks=77, hidden_size=96, dtype="float16", bootstrap_timeout=12.5,
     waiting_timeout=33.25, transfer_timeout=0.1, quarantine_timeout=200.0, heartbeat_interval=0.3,
-    heartbeat_misses=7, data_plane="zmq", prealloc="adaptive", dead_peer_grace=0.75, retention_timeout=42.5, admission_timeout=33.0,
+    heartbeat_misses=7, data_plane="nixl", prealloc="adaptive", dead_peer_grace=0.75, retention_timeout=42.5, admission_timeout=33.0,
+    device="cuda:1",
 )
 
 
@@ -43,7 +44,8 @@ def test_settings_args_round_trip(clean_env):
     for field in attrs.fields(Settings):  # every field differs from its default, so none is lost silently
         assert getattr(NON_DEFAULT, field.name) != field.default, field.name
     args = settings_args(NON_DEFAULT)
-    assert "--data-plane" in args and args[args.index("--data-plane") + 1] == "zmq"
+    assert "--data-plane" in args and args[args.index("--data-plane") + 1] == "nixl"
+    assert "--pool-device" in args and args[args.index("--pool-device") + 1] == "cuda:1"
     assert settings_from(parse(args)) == NON_DEFAULT
 
 

@@ -67,8 +67,7 @@ class _Staged:
 
 @attrs.define
 class _CopiedRows:
-    """A room's rows copied where the engine reads them: a small room into the registered
-    staging arena, or rows on a device into host memory (what ``_batch`` reads)."""
+    """A small room's rows copied into the registered staging arena (what ``_batch`` reads)."""
 
     embeddings: torch.Tensor
     fill_ids: torch.Tensor
@@ -143,6 +142,7 @@ class BatchWriter:
         self.block_size = block_size
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embxfer-write")
         self._staged: dict[int, _Staged] = {}
+        self._unstageable: dict[int, str] = {}  # rooms whose rows the engine cannot read: why
         self._arena: _StagingArena | None = None
         # at most PEER_WRITES writes to one peer at a time, the rest in order behind them: a
         # peer that does not answer holds that many workers (for a connect timeout a write),
@@ -162,11 +162,24 @@ class BatchWriter:
     def stage(self, room: int, source: SourceRows) -> None:
         with self._target_lock:
             self._cancelled.discard(room)  # a new room under a failed one's id
+        self._unstageable.pop(room, None)
         aux = torch.zeros(AUX_WORDS, dtype=torch.int64)
-        rows: SourceRows | _CopiedRows = source
-        if self.engine.host_memory_only and source.embeddings.device.type != "cpu":
-            rows = _CopiedRows(source.embeddings.cpu(), source.fill_ids.cpu(), source.mrope.cpu(), source.num_tokens)
+        rows: SourceRows | _CopiedRows = source.on_host() if self.engine.host_memory_only else source
         if not self.engine.needs_registration:  # the engine reads the caller's tensors where they are
+            self._staged[room] = _Staged(rows, aux)
+            return
+        if rows.embeddings.device.type != "cpu":
+            # rows on a device stay there: the engine registers and reads them (never via the host)
+            registered: list[torch.Tensor] = []
+            try:
+                for tensor in (rows.embeddings, rows.fill_ids, rows.mrope, aux):
+                    self.engine.register(tensor)
+                    registered.append(tensor)
+            except Exception as error:  # e.g. a Mooncake build without CUDA: this room's writes fail, with why
+                for tensor in registered:
+                    self.engine.unregister(tensor)
+                self._unstageable[room] = f"{self.engine.name} cannot read rows on {rows.embeddings.device}: {error}"
+                return
             self._staged[room] = _Staged(rows, aux)
             return
         if self._arena is None:
@@ -190,6 +203,7 @@ class BatchWriter:
     def release(self, room: int) -> None:
         with self._target_lock:
             self._cancelled.discard(room)  # every write of the room has ended
+        self._unstageable.pop(room, None)
         staged = self._staged.pop(room, None)
         if staged is None:
             return
@@ -209,7 +223,7 @@ class BatchWriter:
                on_done: Callable[[WriteRows, "str | None"], None]) -> None:
         staged = self._staged.get(write.room)
         if staged is None:
-            on_done(write, "no staged rows for the room")
+            on_done(write, self._unstageable.get(write.room, "no staged rows for the room"))
             return
         try:
             batch = self._batch(write, staged, layout)

@@ -4,6 +4,12 @@ Layout (one row per token slot, so a run of slots is one contiguous copy):
 ``embeddings [slots, hidden]`` of the pool dtype, ``fill_ids [slots]`` int64,
 ``mrope [slots, 3]`` int64 (token-major; callers' ``[3, n]`` is transposed once), and
 ``aux [pool_blocks, AUX_WORDS]`` int64, one aux record per block.
+
+The pool and the results assembled from it live on ``settings.device``; every copy is a
+torch copy, so they run on any device.  A pool in host memory is pinned (page-locked) where
+this torch can pin, i.e. where it sees a CUDA device (copies to and from the device then run
+at full speed, and RDMA engines register it without faulting pages); elsewhere it is ordinary
+memory (``PoolBuffers.pinned`` says which).
 """
 
 from __future__ import annotations
@@ -110,6 +116,33 @@ class SourceRows:
         self.mrope = data.mrope_positions.t().contiguous()
         self.num_tokens = data.num_tokens
 
+    def on_host(self) -> "SourceRows":
+        """These rows in host memory: themselves, or a copy of rows on a device (made once,
+        for a data plane that reads host memory only)."""
+        if self.embeddings.device.type == "cpu":
+            return self
+        copy = object.__new__(SourceRows)
+        copy.embeddings, copy.fill_ids, copy.mrope = self.embeddings.cpu(), self.fill_ids.cpu(), self.mrope.cpu()
+        copy.num_tokens = self.num_tokens
+        return copy
+
+
+def can_pin() -> bool:
+    """Whether this torch can pin host memory (it needs an accelerator to pin for)."""
+    return bool(torch.cuda.is_available())
+
+
+def pool_device(settings: Settings) -> torch.device:
+    """``settings.device`` as a torch device; a clear error where this torch has no such device."""
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LocalProtocolError(f"device {settings.device!r}: this torch sees no CUDA device "
+                                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})", field="device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LocalProtocolError(f"device {settings.device!r}: this host has {torch.cuda.device_count()} CUDA "
+                                 f"device(s)", field="device")
+    return device
+
 
 class PoolBuffers:
     """The receiver's pool: token-slot buffers cut into blocks, plus one aux record a block."""
@@ -117,10 +150,14 @@ class PoolBuffers:
     def __init__(self, settings: Settings) -> None:
         slots = settings.pool_tokens
         self.block_size = settings.block_size
-        self.embeddings = torch.zeros(slots, settings.hidden_size, dtype=torch_dtype(settings.dtype))
-        self.fill_ids = torch.zeros(slots, dtype=torch.int64)
-        self.mrope = torch.zeros(slots, 3, dtype=torch.int64)
-        self.aux = torch.zeros(settings.pool_blocks, AUX_WORDS, dtype=torch.int64)
+        self.device = pool_device(settings)
+        self.pinned = self.device.type == "cpu" and can_pin()
+        device, pinned = self.device, self.pinned
+        self.embeddings = torch.zeros(slots, settings.hidden_size, dtype=torch_dtype(settings.dtype), device=device,
+                                      pin_memory=pinned)
+        self.fill_ids = torch.zeros(slots, dtype=torch.int64, device=device, pin_memory=pinned)
+        self.mrope = torch.zeros(slots, 3, dtype=torch.int64, device=device, pin_memory=pinned)
+        self.aux = torch.zeros(settings.pool_blocks, AUX_WORDS, dtype=torch.int64, device=device, pin_memory=pinned)
 
     def write(self, source: SourceRows, sent_tokens: int, runs: Iterable[tuple[int, int, int]]) -> None:
         """Copy source tokens into slots: one copy per run and buffer kind."""
@@ -156,12 +193,13 @@ class Assembly:
         """``spare``: embedding rows of a result nobody reads any more, at least this room's
         length: reused (their pages are already faulted in), else fresh memory."""
         total = header.total_tokens
+        device = torch.device(settings.device)  # (results live where the pool does)
         if spare is None or spare.shape[0] < total:
-            spare = torch.empty(total, settings.hidden_size, dtype=torch_dtype(settings.dtype))
+            spare = torch.empty(total, settings.hidden_size, dtype=torch_dtype(settings.dtype), device=device)
         self.storage = spare  # (what the result's embeddings are a view of)
         self.embeddings = spare[:total]
-        self.fill_ids = torch.empty(total, dtype=torch.int64)
-        self.mrope = torch.empty(total, 3, dtype=torch.int64)
+        self.fill_ids = torch.empty(total, dtype=torch.int64, device=device)
+        self.mrope = torch.empty(total, 3, dtype=torch.int64, device=device)
         self.delta = header.mrope_position_delta
 
     def collect(self, pool: PoolBuffers, runs: Iterable[tuple[int, int, int]], sent_tokens: int) -> None:

@@ -49,10 +49,26 @@ class NixlUnavailable(RuntimeError):
     """NIXL cannot be imported or started here; the message says how to fix it."""
 
 
+def _has_rdma_device() -> bool:
+    try:
+        return bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        return False
+
+
 def load_nixl(verbose: bool = False) -> Any:
     """NIXL's Python API: the CUDA 12 wheel, the CUDA 13 one, or the meta package."""
     if not verbose:
         os.environ.setdefault("NIXL_LOG_LEVEL", "ERROR")  # its C++ side logs INFO lines at start-up
+    if not _has_rdma_device():
+        # UCX's InfiniBand module, loaded where there is no RDMA device to use, brings the
+        # wheel's own libnl beside the system's (libibverbs' providers): the process then
+        # crashes as it exits (SIGSEGV in rtnl_tc_unregister).  Leave it out unless told.
+        os.environ.setdefault("UCX_MODULES", "^ib")
+    # NIXL connects to a receiver as its metadata is loaded, holding the agent's lock: to an
+    # address that drops SYNs that is TCP's whole SYN back-off (~2 min) during which every
+    # write of this process waits.  One retransmission: a silent peer fails in ~3 s.
+    os.environ.setdefault("UCX_TCP_SYN_CNT", "1")
     problems = []
     for module in ("nixl_cu12._api", "nixl_cu13._api", "nixl._api"):
         try:
@@ -97,9 +113,12 @@ class NixlEngine:
         self.stuck_after = stuck_after
         self._lock = threading.Lock()
         self._registered: dict[int, tuple[torch.Tensor, Any]] = {}  # address -> (tensor, its NIXL registration)
+        self._device_registrations = 0
         self._metadata: dict[str, bytes] = {}  # receiver session -> its envelope, as its PoolLayout sent it
         self._agents: dict[str, tuple[str, str, int]] = {}  # receiver session -> (agent name, memory kind, device)
         self._gone: dict[str, None] = {}  # receiver sessions known gone (the newest MAX_GONE)
+        self._loading: dict[str, threading.Lock] = {}  # receiver session -> held while its agent loads
+        self._to_remove: list[str] = []  # agents of gone receivers, removed by the next write
         self._closing = False
         self.writes_given_up = 0
         self.handles_held = 0  # handles NIXL would not release yet (their writes still wait on them)
@@ -127,11 +146,13 @@ class NixlEngine:
             raise NixlUnavailable(f"NIXL register_memory of {tensor.numel() * tensor.element_size()} bytes failed: "
                                   f"{error}") from None
         self._registered[address] = (tensor, registration)
+        self._device_registrations += tensor.device.type != "cpu"
 
     def unregister(self, tensor: torch.Tensor) -> None:
         held = self._registered.pop(tensor.data_ptr(), None)
         if held is not None:
             self.agent.deregister_memory(held[1])
+            self._device_registrations -= tensor.device.type != "cpu"
 
     def learn(self, target: str, layout: PoolLayout) -> None:
         """How to reach ``target`` (the receiver's session): its ``PoolLayout``'s metadata."""
@@ -139,12 +160,21 @@ class NixlEngine:
             self._metadata[target] = layout.data_plane_metadata
 
     def _peer(self, target: str) -> tuple[str, str, int]:
-        """The receiver's agent, loaded from its metadata on first use."""
+        """The receiver's agent, loaded from its metadata on first use (NIXL connects then:
+        only writes to this receiver wait for it, never our lock's other users)."""
+        self._remove_gone()
         with self._lock:
             known = self._agents.get(target)
+            loading = self._loading.setdefault(target, threading.Lock()) if known is None else None
+        if known is not None:
+            return known
+        assert loading is not None
+        with loading:
+            with self._lock:
+                known = self._agents.get(target)
+                envelope = self._metadata.get(target, b"")
             if known is not None:
-                return known
-            envelope = self._metadata.get(target, b"")
+                return known  # (another write loaded it meanwhile)
             if len(envelope) <= _ENVELOPE.size or not target.startswith(SCHEME + ":"):
                 raise ValueError(f"receiver {target!r} sent no NIXL metadata (is it on --data-plane nixl?)")
             magic, kind, device = _ENVELOPE.unpack_from(envelope)
@@ -155,15 +185,39 @@ class NixlEngine:
             if f"{SCHEME}:{name}" != target:
                 self.agent.remove_remote_agent(name)
                 raise ValueError(f"receiver {target!r} sent the metadata of agent {name!r}")
-            self._agents[target] = known = (name, _MEMORY_KINDS[kind], device)
+            with self._lock:
+                self._loading.pop(target, None)
+                if target in self._gone:  # it went while we connected
+                    self._to_remove.append(name)
+                    raise ValueError(f"receiver {target!r} is gone")
+                self._agents[target] = known = (name, _MEMORY_KINDS[kind], device)
             return known
 
+    def _remove_gone(self) -> None:
+        """Forget the agents of receivers that are gone (on a writer's thread: NIXL may hold
+        its lock for a while, which the control loop must never wait for)."""
+        with self._lock:
+            names, self._to_remove = self._to_remove, []
+        for name in names:
+            self.agent.remove_remote_agent(name)
+
     def write(self, target: str, local: list[int], remote: list[int], lengths: list[int], note: bytes = b"") -> int:
-        """One NIXL WRITE of every range; 0 when written, negative when not (never raises
-        for a failed transfer)."""
-        agent_name, remote_kind, remote_device = self._peer(target)
-        local_kind, local_device = self._local_kind(local[0])
-        local_descs = self.agent.get_xfer_descs(_descs(local, lengths, local_device), local_kind)
+        """NIXL WRITEs of every range (one; two when the rows are on a device and the aux
+        record in host memory: a request reads one kind of memory), the note with the last;
+        0 when written, negative when not (a failed transfer never raises)."""
+        peer = self._peer(target)
+        groups = self._by_memory(local, remote, lengths)
+        for index, (kind, device, group_local, group_remote, group_lengths) in enumerate(groups):
+            rc = self._write_group(target, peer, (kind, device), group_local, group_remote, group_lengths,
+                                   note if index == len(groups) - 1 else b"")
+            if rc:
+                return rc
+        return 0
+
+    def _write_group(self, target: str, peer: tuple[str, str, int], memory: tuple[str, int], local: list[int],
+                     remote: list[int], lengths: list[int], note: bytes) -> int:
+        agent_name, remote_kind, remote_device = peer
+        local_descs = self.agent.get_xfer_descs(_descs(local, lengths, memory[1]), memory[0])
         remote_descs = self.agent.get_xfer_descs(_descs(remote, lengths, remote_device), remote_kind)
         handle = self.agent.initialize_xfer("WRITE", local_descs, remote_descs, agent_name, note)
         state = self.agent.transfer(handle)
@@ -179,6 +233,19 @@ class NixlEngine:
             state = self.agent.check_xfer_state(handle)
         self.agent.release_xfer_handle(handle)
         return 0 if state == "DONE" else -1
+
+    def _by_memory(self, local: list[int], remote: list[int],
+                   lengths: list[int]) -> list[tuple[str, int, list[int], list[int], list[int]]]:
+        """The ranges grouped by the kind of memory they are read from."""
+        if not self._device_registrations:
+            return [("DRAM", 0, local, remote, lengths)]  # (the common case: no device memory registered)
+        groups: dict[tuple[str, int], tuple[list[int], list[int], list[int]]] = {}
+        for address, remote_address, length in zip(local, remote, lengths):
+            group = groups.setdefault(self._local_kind(address), ([], [], []))
+            group[0].append(address)
+            group[1].append(remote_address)
+            group[2].append(length)
+        return [(kind, device, *group) for (kind, device), group in groups.items()]
 
     def _give_up(self, handle: Any, target: str) -> int:
         """Release a write that has not completed; while NIXL holds on to it, keep trying
@@ -205,7 +272,7 @@ class NixlEngine:
                     self.handles_held -= 1
 
     def _local_kind(self, address: int) -> tuple[str, int]:
-        for base, (tensor, _) in self._registered.items():
+        for base, (tensor, _) in list(self._registered.items()):  # (the I/O thread may register meanwhile)
             if base <= address < base + tensor.numel() * tensor.element_size():
                 return _memory_kind(tensor)
         return "DRAM", 0
@@ -214,15 +281,17 @@ class NixlEngine:
         return self, target
 
     def peer_gone(self, target: str) -> None:
-        """``target`` is gone: writes still waiting on it give up, and its agent is forgotten."""
+        """``target`` is gone: writes still waiting on it give up, and its agent is forgotten
+        (by the next write: this runs on the control loop, which never waits on NIXL)."""
         with self._lock:
             self._gone[target] = None
             while len(self._gone) > MAX_GONE:
                 del self._gone[next(iter(self._gone))]
             self._metadata.pop(target, None)
+            self._loading.pop(target, None)
             known = self._agents.pop(target, None)
-        if known is not None:
-            self.agent.remove_remote_agent(known[0])
+            if known is not None:
+                self._to_remove.append(known[0])
 
     def prune(self, closing: bool = False) -> None:
         if closing:

@@ -113,6 +113,7 @@ class SharedPoolBuffers(PoolBuffers):
             tensors.append(torch.frombuffer(self._map, dtype=kind, count=_count(shape), offset=offset).view(shape))
             offset += _section(_count(shape) * width)
         self.block_size = settings.block_size
+        self.device, self.pinned = torch.device("cpu"), False  # (a shared mapping: host memory, not pinned)
         self.embeddings, self.fill_ids, self.mrope, self.aux = tensors  # zero: a fresh memfd reads as zeros
         self.session = ShmSession(identity, os.getpid(), self.fd, token, self.embeddings.data_ptr(), size)
 

@@ -85,7 +85,7 @@ class ZmqWriter:
     # -- called from the sender's control loop -------------------------------------------
     def stage(self, room: int, source: SourceRows) -> None:
         try:
-            self._staged[room] = stage_rows(source)
+            self._staged[room] = stage_rows(source.on_host())  # (frames are sent from host memory)
         except (TypeError, RuntimeError) as error:  # e.g. not in CPU memory: the room's writes fail, with why
             self._unstageable[room] = f"cannot send these rows as frames: {error}"
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import zmq
 
-from embxfer.core import Poll, Settings
+from embxfer.core import HOST_MEMORY_PLANES, Poll, Settings
 from embxfer.transports.buffers import EmbeddingData
 
 from ..workload import room_data
@@ -48,9 +48,14 @@ def settings_for(tokens: int, resumes: int, data_plane: str = "mooncake") -> Set
     blocks = -(-tokens // block)
     per_round = -(-blocks // (resumes + 1))
     pool = per_round * 2 if resumes == 1 else per_round
-    return Settings(block_size=block, default_blocks=per_round, pool_blocks=pool,
-                    hidden_size=HIDDEN, dtype="bfloat16", bootstrap_timeout=120, waiting_timeout=120,
-                    transfer_timeout=120, quarantine_timeout=300, data_plane=data_plane)
+    # the pool's device: EMBXFER_DEVICE (.ci/gpu-check sets cuda) on planes that write device
+    # memory; host memory on the others
+    fields: dict[str, Any] = dict(block_size=block, default_blocks=per_round, pool_blocks=pool, hidden_size=HIDDEN,
+                                  dtype="bfloat16", bootstrap_timeout=120, waiting_timeout=120, transfer_timeout=120,
+                                  quarantine_timeout=300, data_plane=data_plane)
+    if data_plane in HOST_MEMORY_PLANES:
+        fields["device"] = "cpu"
+    return Settings.from_env(**fields)
 
 
 # what holds each data-plane figure back when its target is missed (timelines and py-spy
@@ -297,6 +302,8 @@ def run_data_plane(sizes: list[int], resumes: list[int], repeat: int, step: Step
                 row.target("embxfer_zmq/embxfer_mooncake", ">=", 1.5, "zero-copy ZeroMQ plane ≥ 1.5× Mooncake TCP", WHY_ZMQ)
             case.rows.append(row)
     case.verified = True  # every transport's first run was compared byte for byte (or raised)
+    case.notes.append(f"the receiver's pool and results on {settings_for(1, 0).device} for mc and nixl "
+                      f"(EMBXFER_DEVICE), host memory for zmq and shm; the sender's rows in host memory")
     case.notes.append("a room = init(lease=True) → Success → its rows in hand (a room whole in round 0 is read in the pool: "
                       "no copy out of it; resumed rooms are assembled); "
                       "mc = ZeroMQ control + Mooncake TCP writes; shm = ZeroMQ control + shared-memory copies; "

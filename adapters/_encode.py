@@ -23,7 +23,7 @@ from embxfer.specs.schemas import MAX_COALESCED, MAX_EXTENTS, MAX_STR_BYTES
 from embxfer.transports.auth import CURVE_OVERHEAD, AuthKeys, peer_key, serve_securely
 from embxfer.transports.buffers import EmbeddingData, SourceRows
 from embxfer.transports.auto import auto_engine
-from embxfer.transports.batch_writer import BatchWriter
+from embxfer.transports.batch_writer import BatchWriter, GivenUp
 from embxfer.transports.mooncake import MooncakeEngine
 from embxfer.transports.nixl import NixlEngine
 from embxfer.transports.shm import ShmEngine
@@ -424,7 +424,9 @@ class EncodeServer(_Runtime):
             if self._rank_of.get(self._identities[rank]) == rank:
                 del self._rank_of[self._identities[rank]]
             del self._identities[rank]
-            self._sessions.pop(rank, None)
+            session = self._sessions.pop(rank, None)
+            if session is not None and self.nixl is not None:
+                self.nixl.peer_gone(session)  # (its agent and connection go with it)
         for fd in [fd for fd, rank in self._rank_by_fd.items() if rank not in self.endpoint.peers]:
             del self._rank_by_fd[fd]
         registered = set(self._identities.values())
@@ -458,8 +460,8 @@ class EncodeServer(_Runtime):
                 write, error = self._completions.get_nowait()
             except queue.Empty:
                 return
-            self._guarded(lambda: self._run(
-                self.endpoint.write_done(write.room, write.rank, write.round, time.monotonic(), error)))
+            self._guarded(lambda: self._run(self.endpoint.write_done(
+                write.room, write.rank, write.round, time.monotonic(), error, may_land=isinstance(error, GivenUp))))
 
     def _on_write_done(self, write: WriteRows, error: str | None) -> None:
         if self._stopping:
@@ -491,7 +493,7 @@ class EncodeServer(_Runtime):
             if self._done_inline:  # written at once (a small shared-memory copy), or refused up front
                 write, error = self._done_inline.pop()
                 return self.endpoint.write_done(  # type: ignore[no-any-return]
-                    write.room, write.rank, write.round, time.monotonic(), error)
+                    write.room, write.rank, write.round, time.monotonic(), error, may_land=isinstance(error, GivenUp))
         elif isinstance(action, ReleaseSource):
             self._sources.pop(action.room, None)
             self.writer.release(action.room)

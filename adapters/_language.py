@@ -19,11 +19,12 @@ from embxfer.transports.auth import AuthKeys, connect_securely
 from embxfer.transports.auto import auto_session, shared_pool_or_private
 from embxfer.transports.buffers import EmbeddingData
 from embxfer.transports.mooncake import MooncakeEngine, pool_addresses, register_pool
-from embxfer.transports.nixl import NixlEngine
+from embxfer.transports.nixl import MAX_NOTE_WRITES, NixlEngine
 from embxfer.transports.notes import writes_in
 from embxfer.transports.shm import SharedPoolBuffers
 from embxfer.transports.zmq_plane import ZmqPoolReceiver, pool_extent
 
+from ._failure_log import RateLimitedLog
 from ._rows import RowSink, RowsLease
 from ._runtime import _Runtime, new_incarnation
 
@@ -59,6 +60,7 @@ class LanguageClient(_Runtime):
         self._owns_pool = not shared_pool
         self.engine: MooncakeEngine | None = None
         self.nixl: NixlEngine | None = None
+        self.note_log = RateLimitedLog(log, f"language{rank}", "NIXL note problems")
         self.data_receiver: ZmqPoolReceiver | None = None
         try:
             session_id, addresses = self._open_data_plane(host, protocol, device, verbose, engine, cancelled, shared_pool)
@@ -266,21 +268,33 @@ class LanguageClient(_Runtime):
         self._run(self.endpoint.receive(message, now, aux, aux_error=aux_error))
 
     def _check_notes(self) -> None:
-        """Each NIXL write's note names the rounds it carried: every one must be a write the
-        core's admission rule lets land (a sender that wrote elsewhere is counted and named)."""
+        """Each NIXL write's note names the rounds it carried; each is checked against the
+        core's write-admission rule, where its room is still in that round (a diagnostic of
+        what an honest sender wrote: the rows have landed by then, and a write without a note,
+        or a note after its Status, is not checked).  A failure here costs no control message."""
         assert self.nixl is not None
-        for note in self.nixl.notifications():
+        try:
+            notes = self.nixl.notes_from(self.endpoint.peer_session or "")
+        except Exception as error:  # (NIXL's bindings raise their own errors)
+            self.counters["data_notes_unread"] += 1
+            self.note_log.warning("rank %d: NIXL notes could not be read: %s", self.rank, error)
+            return
+        for note in notes:
             try:
                 writes = writes_in(note)
+                if len(writes) > MAX_NOTE_WRITES:
+                    raise ValueError(f"it names {len(writes)} rounds (at most {MAX_NOTE_WRITES})")
             except ValueError as error:
                 self.counters["data_notes_malformed"] += 1
-                log.warning("rank %d: a NIXL note that is not ours: %s", self.rank, error)
+                self.note_log.warning("rank %d: a NIXL note that is not ours: %s", self.rank, error)
                 continue
+            self.counters["data_notes_checked"] += 1
             for write in writes:
                 problem = self.endpoint.landed_write_problem(write)
                 if problem is not None:
                     self.counters["data_writes_not_admitted"] += 1
-                    log.warning("rank %d: a NIXL write landed that the rules did not admit: %s", self.rank, problem)
+                    self.note_log.warning("rank %d: a NIXL write landed that the rules did not admit: %s",
+                                          self.rank, problem)
 
     def _execute(self, action: Action) -> list[Action] | None:
         if isinstance(action, SendMessage):

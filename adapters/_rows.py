@@ -79,7 +79,7 @@ class RowSink:
                 spare = self._spare if self._spare is not None and self._spare.shape[0] >= action.aux.total_tokens else None
                 if spare is not None:
                     self._spare = None
-                assembly = self.assemblies[action.room] = Assembly(action.aux, self.settings, spare)
+                assembly = self.assemblies[action.room] = Assembly(action.aux, self.settings, spare, self.buffers.device)
             assembly.collect(self.buffers, action.runs, action.sent_tokens)
             if action.round == 0:
                 self.buffers.clear_aux(action.allocation.extents[0][0])

@@ -30,6 +30,8 @@ from ._messages import (
 from ._settings import Settings
 
 
+MAX_MAY_LAND = 4096  # given-up writes remembered (each a room whose rank's blocks wait out quarantine)
+
 @attrs.define(slots=True)
 class _Destination:
     rank: int
@@ -41,6 +43,10 @@ class _Destination:
     done: bool = False
     owes_ack: bool = False  # its abort arrived while a write was in flight
     owes_abort: str | None = None  # our abort, held back until its write completes
+    # a write to it was given up while its bytes may still land (a data plane that cannot
+    # stop a transfer): it is told nothing more of the room, so its blocks stay quarantined
+    # until its own quarantine_timeout, never freed early by our ack or abort
+    may_land: bool = False
     incarnation: int | None = None  # of the receiver process that sent the init
     init: Init | None = None  # the init that opened it: a copy arriving later is a duplicate
     extents_named: int = 0  # by its latest allocation, counted against its rank's pool while the room lives
@@ -89,6 +95,8 @@ class Sender(ReceiverRanks, Endpoint):
         # rooms aborted here before any receiver asked for them, with the reason their
         # late init is answered with (bounded like every tombstone)
         self._early_aborts: OrderedDict[int, str] = OrderedDict()
+        # (room, rank) of writes given up while their bytes may still land: never acknowledged
+        self._may_land: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._peer_sets: dict[tuple[tuple[int, int | None], ...], tuple[tuple[int, int | None], ...]] = {}
         self._single_peer_sets: dict[int, tuple[tuple[int, int | None], ...]] = {}
         self._extents_named: dict[int, int] = {}
@@ -159,14 +167,24 @@ class Sender(ReceiverRanks, Endpoint):
         self.stats["stray_dropped"] += 1
         return []
 
-    def write_done(self, room: int, rank: int, round: int, now: float, error: str | None = None) -> list[Action]:
-        """The data plane finished the write of ``round`` to ``rank``; ``error`` when it failed."""
+    def write_done(self, room: int, rank: int, round: int, now: float, error: str | None = None, *,
+                   may_land: bool = False) -> list[Action]:
+        """The data plane finished the write of ``round`` to ``rank``; ``error`` when it failed.
+        ``may_land``: it gave the write up without being able to stop it (its bytes may still
+        arrive): the room fails and that rank is never acknowledged nor told (see
+        ``_Destination.may_land``)."""
         record = self.rooms.get(room)
         dest = record.destinations.get(rank) if record is not None else None
         if record is None or dest is None or not dest.writing or dest.round != round:
             self.stats["stray_dropped"] += 1
             return []
         dest.writing = False
+        if error is not None and may_land:
+            dest.may_land = True
+            self._may_land[(room, rank)] = None
+            while len(self._may_land) > MAX_MAY_LAND:
+                self._may_land.popitem(last=False)
+            self.stats["writes_given_up"] += 1
         request = dest.request
         dest.request = None
         actions: list[Action] = []
@@ -176,7 +194,8 @@ class Sender(ReceiverRanks, Endpoint):
             self._maybe_retire(record)
             return actions
         if error is not None:
-            self._fail(record, FAIL, f"data write of round {round} to rank {rank} failed: {error}", now, actions)
+            self._fail(record, FAIL, f"data write of round {round} to rank {rank} failed: {error}", now, actions,
+                       quiet_rank=rank if dest.may_land else None)
             return actions
         assert request is not None and record.aux is not None
         written = min(record.aux.total_tokens - dest.sent_tokens, request.allocated_tokens)
@@ -343,6 +362,8 @@ class Sender(ReceiverRanks, Endpoint):
         if dest is not None and dest.writing:
             dest.owes_ack = True  # ack once the write in flight has landed
             dest.owes_abort = None
+        elif (message.room, message.rank) in self._may_land:
+            self.stats["acks_withheld"] += 1  # a given-up write's bytes may still land there
         else:
             actions.append(SendMessage(AbortAck(message.room, message.rank), message.rank))
         return actions
@@ -422,6 +443,9 @@ class Sender(ReceiverRanks, Endpoint):
 
     def _settle_destination(self, record: _SenderRoom, dest: _Destination, actions: list[Action]) -> None:
         """A write landed after the room failed: now pay the abort or ack held back for it."""
+        if dest.may_land:  # (its bytes may still arrive: its blocks wait out their quarantine)
+            self.stats["acks_withheld"] += dest.owes_ack
+            dest.owes_ack, dest.owes_abort = False, None
         if dest.owes_ack:
             actions.append(SendMessage(AbortAck(record.room, dest.rank), dest.rank))
             dest.owes_ack = False

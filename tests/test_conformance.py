@@ -16,6 +16,7 @@ from embxfer.adapters import EmbeddingData, Poll, connect_local, connect_loopbac
 from embxfer.adapters.workload import room_data
 from embxfer.core import HOST_MEMORY_PLANES, Settings
 from embxfer.specs import invariants
+from embxfer.transports.buffers import pool_device
 
 from conftest import require_plane
 from helpers import wait_until
@@ -72,7 +73,7 @@ class Harness:
             for rx in self.link.receivers:
                 assert rx.poll(room) == Poll.Success, (room, rx.failure(room))
                 result = rx.take(room)
-                assert result.embeddings.device == torch.device(self.device)  # results live where the pool does
+                assert result.embeddings.device == pool_device(self.settings)  # results live where the pool does
                 assert not invariants.rows_equal(data, result), f"room {room}"
         return sent
 

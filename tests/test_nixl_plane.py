@@ -21,6 +21,7 @@ from embxfer.adapters import _language
 from embxfer.adapters.workload import room_data
 from embxfer.core import Settings, WriteRows
 from embxfer.transports import nixl as nixl_module
+from embxfer.transports.batch_writer import GIVEN_UP
 from embxfer.transports.notes import note_for, writes_in
 
 from conftest import require_plane
@@ -59,6 +60,7 @@ def test_a_refused_write_fails_the_room_on_both_sides_and_the_next_receiver_is_s
         link.sender.send(1, data)
         assert wrong.wait(1, SETTINGS.transfer_timeout + 2) == Poll.Failed
         for reason in (wrong.failure(1), link.sender.failure(1)):
+            print(f"[nixl] refused write: {reason}")
             assert "data write of round 0 to rank 0 failed: nixl WRITE raised" in reason, reason
         wait_until(link.sender, lambda: link.sender.sources_held() == 0, 30, "the source released")
         wait_until(wrong, lambda: wrong.free_blocks() == SETTINGS.pool_blocks, 30, "every block free")
@@ -78,7 +80,9 @@ def test_a_note_naming_slots_the_room_does_not_own_is_counted_and_named() -> Non
         rx.init(1)
         sender.send(1, data)
         assert rx.wait(1, 30) == Poll.Success and rx.take(1).same_bytes(data)
-        assert rx.stats().get("data_writes_not_admitted", 0) == 0  # the honest writes' notes all passed
+        # the honest write's note is read (with the next control message) and passes
+        wait_until(rx, lambda: rx.stats().get("data_notes_checked", 0) >= 1, 30, "the honest note checked")
+        assert rx.stats().get("data_writes_not_admitted", 0) == 0
         rx.init(2)  # its round 0 is asked for; the sender has no data for it yet
         wait_until(rx, lambda: rx.endpoint.rooms[2].requested, 30, "room 2's init sent")
         owned = rx.endpoint.rooms[2].allocation.extents[0][0] * SETTINGS.block_size
@@ -112,6 +116,7 @@ class StuckAgent:
         self.refusals = refusals
         self.released = 0
         self.polls = 0
+        self.removed: list[str] = []
 
     def get_xfer_descs(self, descs, kind):  # type: ignore[no-untyped-def]
         return descs
@@ -132,6 +137,9 @@ class StuckAgent:
             raise RuntimeError("NIXL_ERR_REPOST_ACTIVE")
         self.released += 1
 
+    def remove_remote_agent(self, name):  # type: ignore[no-untyped-def]
+        self.removed.append(name)
+
 
 def stuck_engine(refusals: int, monkeypatch) -> nixl_module.NixlEngine:  # type: ignore[no-untyped-def]
     engine = nixl_module.NixlEngine("test", stuck_after=0.05)
@@ -143,14 +151,26 @@ def stuck_engine(refusals: int, monkeypatch) -> nixl_module.NixlEngine:  # type:
 
 def test_a_write_nixl_never_completes_is_given_up_after_the_rounds_timeout(monkeypatch) -> None:
     engine = stuck_engine(0, monkeypatch)
-    assert engine.write("nixl:peer", [1], [2], [3]) == -2
+    assert engine.write("nixl:peer", [1], [2], [3]) == GIVEN_UP
     assert engine.agent.released == 1 and engine.agent.polls > 0  # type: ignore[attr-defined]
     assert engine.stats()["nixl_writes_given_up"] == 1 and engine.stats()["nixl_handles_held"] == 0
+    # its connection is dropped (removed by the next write, off the control loop): reloaded then
+    assert "nixl:peer" not in engine._agents and engine._to_remove == ["peer"]
+    engine._remove_gone()
+    assert engine.agent.removed == ["peer"]  # type: ignore[attr-defined]
+
+
+def test_given_up_is_reported_so_the_core_never_acknowledges_the_room() -> None:
+    from embxfer.transports.batch_writer import BatchWriter, GivenUp
+
+    error = BatchWriter._engine_write(type("Engine", (), {"name": "nixl WRITE", "notes": False,
+                                                          "write": lambda self, *a: GIVEN_UP})(), "t", ([], [], []), [])
+    assert isinstance(error, GivenUp) and "its bytes may still land" in error
 
 
 def test_a_handle_nixl_will_not_release_holds_the_write_until_it_does(monkeypatch) -> None:
     engine = stuck_engine(3, monkeypatch)
-    assert engine.write("nixl:peer", [1], [2], [3]) == -2  # returned only once NIXL let go
+    assert engine.write("nixl:peer", [1], [2], [3]) == GIVEN_UP  # returned only once NIXL let go
     assert engine.agent.released == 1 and engine.agent.refusals == 0  # type: ignore[attr-defined]
     assert engine.stats()["nixl_handles_held"] == 0
 
@@ -159,7 +179,7 @@ def test_a_gone_peer_ends_a_waiting_write_at_once_and_closing_abandons_a_held_ha
     engine = stuck_engine(0, monkeypatch)
     engine.stuck_after = 3600.0
     engine._gone["nixl:peer"] = None
-    assert engine.write("nixl:peer", [1], [2], [3]) == -2
+    assert engine.write("nixl:peer", [1], [2], [3]) == GIVEN_UP
     engine = stuck_engine(10**9, monkeypatch)
     engine._closing = True
     assert engine.write("nixl:peer", [1], [2], [3]) == -3
@@ -196,3 +216,66 @@ def test_a_process_that_used_nixl_exits_cleanly() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "closed\n", (done.returncode, done.stdout, done.stderr)
     assert done.stderr == ""
+
+
+class RecordingAgent(StuckAgent):
+    """Transfers that complete at once, each request recorded as (memory kind, note)."""
+
+    def __init__(self, load_error: Exception | None = None) -> None:
+        super().__init__(0)
+        self.requests: list[tuple[str, bytes]] = []
+        self.load_error = load_error
+        self.loads = 0
+
+    def get_xfer_descs(self, descs, kind):  # type: ignore[no-untyped-def]
+        return kind
+
+    def initialize_xfer(self, operation, local, remote, agent, note):  # type: ignore[no-untyped-def]
+        self.requests.append((local, note))
+        return "handle"
+
+    def transfer(self, handle):  # type: ignore[no-untyped-def]
+        return "DONE"
+
+    def register_memory(self, tensor):  # type: ignore[no-untyped-def]
+        return ("registration", tensor.data_ptr())
+
+    def deregister_memory(self, registration):  # type: ignore[no-untyped-def]
+        pass
+
+    def add_remote_agent(self, metadata):  # type: ignore[no-untyped-def]
+        self.loads += 1
+        if self.load_error is not None:
+            raise self.load_error
+        return b"peer"
+
+
+def test_rows_on_a_device_and_the_aux_record_in_host_memory_go_as_two_requests_the_note_with_the_last() -> None:
+    import torch
+
+    engine = nixl_module.NixlEngine("test")
+    engine.agent = RecordingAgent()  # type: ignore[assignment]
+    engine._agents["nixl:peer"] = ("peer", "DRAM", 0)
+    rows = torch.empty(1024, dtype=torch.uint8, device="meta")  # (stands in for rows on an accelerator)
+    engine.register(rows)
+    engine.register(rows)  # the same memory staged twice: registered once, counted
+    assert engine.write("nixl:peer", [rows.data_ptr() + 8, 1 << 40], [0, 64], [16, 64], note=b"rounds") == 0
+    assert engine.agent.requests == [("VRAM", b""), ("DRAM", b"rounds")]  # type: ignore[attr-defined]
+    engine.unregister(rows)
+    assert engine._device_regions  # still registered for its other user
+    engine.unregister(rows)
+    assert not engine._device_regions and not engine._registered
+
+
+def test_a_receiver_that_could_not_be_reached_is_not_tried_again_at_once() -> None:
+    engine = nixl_module.NixlEngine("test")
+    engine.agent = RecordingAgent(RuntimeError("NIXL_ERR_BACKEND"))  # type: ignore[assignment]
+    envelope = nixl_module._ENVELOPE.pack(nixl_module._MAGIC, 0, 0) + b"metadata"
+    engine.learn("nixl:peer", type("Layout", (), {"data_plane_metadata": envelope})())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="NIXL_ERR_BACKEND"):
+        engine.write("nixl:peer", [1], [2], [3])
+    with pytest.raises(ValueError, match="could not be reached"):  # (each try holds NIXL's lock for its connect)
+        engine.write("nixl:peer", [1], [2], [3])
+    assert engine.agent.loads == 1  # type: ignore[attr-defined]
+    engine.peer_gone("nixl:peer")
+    assert "nixl:peer" not in engine._failed

@@ -160,3 +160,39 @@ def test_a_resume_names_its_rounds_blocks_in_place_of_the_last_rounds() -> None:
     assert sender.extents_allowed(0) == 2 * S.pool_blocks + 16 - 2
     sender.receive(Resume(5, 0, 1, 8, 12, ((4, 3),)), 0.3)
     assert sender.extents_allowed(0) == 2 * S.pool_blocks + 16 - 1
+
+
+def _writing_room(room: int) -> Sender:
+    """A sender with one room whose round 0 write to rank 0 is in flight."""
+    sender = Sender(S, incarnation=77)
+    sender.receive(register(0, 1, 1), 0.0)
+    sender.receive(Init(room, 0, 1, S.block_size, 8, ((0, 2),)), 0.1)
+    assert any(type(a).__name__ == "WriteRows" for a in sender.send(room, 20, 0, 0.1))
+    return sender
+
+
+def _messages(actions, kind):  # type: ignore[no-untyped-def]
+    return [a.message for a in actions if isinstance(getattr(a, "message", None), kind)]
+
+
+def test_a_write_given_up_while_its_bytes_may_land_is_never_acknowledged_nor_aborted() -> None:
+    """NIXL cannot stop a transfer it gave up on: the receiver must keep the room's blocks
+    quarantined until its own quarantine_timeout, so the sender tells that rank nothing more
+    of the room — no ack of its abort (then, or arriving later), no abort of its own."""
+    sender = _writing_room(5)
+    actions = sender.receive(Abort(5, 0, "round timeout"), 0.5)  # the receiver gave up meanwhile
+    assert not _messages(actions, AbortAck)  # owed once the write ends, as on every plane
+    actions = sender.write_done(5, 0, 0, 0.6, "nixl WRITE not complete after 5 s", may_land=True)
+    assert not _messages(actions, AbortAck) and not _messages(actions, Abort)
+    assert not _messages(sender.receive(Abort(5, 0, "again"), 0.7), AbortAck)
+    assert sender.stats["acks_withheld"] == 2 and sender.stats["writes_given_up"] == 1
+    assert any(type(a).__name__ == "ReleaseSource" for a in actions)  # the write ended: the rows may go
+
+    sender = _writing_room(6)  # given up before the receiver said anything
+    actions = sender.write_done(6, 0, 0, 0.6, "given up", may_land=True)
+    assert sender.poll(6) == Poll.Failed and not _messages(actions, Abort)
+    assert not _messages(sender.receive(Abort(6, 0, "round timeout"), 0.7), AbortAck)
+
+    sender = _writing_room(7)  # a write that failed cleanly: acknowledged as before
+    sender.receive(Abort(7, 0, "round timeout"), 0.5)
+    assert _messages(sender.write_done(7, 0, 0, 0.6, "refused"), AbortAck)

@@ -27,7 +27,7 @@ import torch
 from embxfer.core import Allocation, Allocator, PoolLayout, Settings, WriteRows
 from embxfer.specs.schemas import AUX_WORDS
 
-from .buffers import SourceRows
+from .buffers import SourceRows, settle
 from .notes import note_for
 
 ARENA_BYTES = 32 << 20  # the registered staging arena for small rooms
@@ -36,6 +36,12 @@ SMALL_ROOM_BYTES = 1 << 20  # rooms up to this size are copied into the arena, n
 PEER_WRITES = 3  # writes in flight to one peer
 MERGED_ENTRIES = 1024  # ranges in one engine call made of several rounds' writes (a round alone may have more)
 CANCELLED = "cancelled before it started (the room had failed)"
+GIVEN_UP = -2  # what an engine's ``write`` returns for a transfer it gave up and could not stop
+
+
+class GivenUp(str):
+    """A write's error when the engine gave it up without being able to stop it: its bytes
+    may still land (``Sender.write_done(..., may_land=True)``)."""
 SPLIT_AFTER_FAILURE = 1.0  # s: a merged write failing faster than this is tried again round by round
 _AUX_RECORD = struct.Struct(f"<{AUX_WORDS}q")  # one aux record, as the pool's int64 words
 
@@ -169,7 +175,9 @@ class BatchWriter:
             self._staged[room] = _Staged(rows, aux)
             return
         if rows.embeddings.device.type != "cpu":
-            # rows on a device stay there: the engine registers and reads them (never via the host)
+            # rows on a device stay there: the engine registers and reads them (never via the
+            # host), once the kernels that made them are done (the engine reads outside CUDA's streams)
+            settle(rows.embeddings.device)
             registered: list[torch.Tensor] = []
             try:
                 for tensor in (rows.embeddings, rows.fill_ids, rows.mrope, aux):
@@ -259,7 +267,7 @@ class BatchWriter:
                 error = self._engine_write(engine, target, _merged([pending.batch for pending in live]),
                                            [pending.write for pending in live])
                 errors.update((id(pending), error) for pending in live)
-                if error is not None and len(live) > 1:
+                if error is not None and len(live) > 1 and not isinstance(error, GivenUp):
                     # a quick failure (one broken lane, not a peer that does not answer) must
                     # not fail every round merged with it: each goes again on its own, while
                     # the merged call's time allows (a late write would outlast the rules'
@@ -300,6 +308,8 @@ class BatchWriter:
             rc = engine.write(target, *batch, note=note_for(writes)) if engine.notes else engine.write(target, *batch)
         except Exception as raised:  # the thread must survive anything the engine does
             return f"{engine.name} raised {type(raised).__name__}: {raised}"
+        if rc == GIVEN_UP:
+            return GivenUp(f"{engine.name} gave the write up unfinished (its bytes may still land)")
         return None if rc == 0 else f"{engine.name} returned {rc}"
 
     def _next_for(self, target: str) -> None:

@@ -8,8 +8,9 @@ Layout (one row per token slot, so a run of slots is one contiguous copy):
 The pool and the results assembled from it live on ``settings.device``; every copy is a
 torch copy, so they run on any device.  A pool in host memory is pinned (page-locked) where
 this torch can pin, i.e. where it sees a CUDA device (copies to and from the device then run
-at full speed, and RDMA engines register it without faulting pages); elsewhere it is ordinary
-memory (``PoolBuffers.pinned`` says which).
+at full speed, and RDMA engines register it without faulting pages); elsewhere, or where pinning
+is refused, it is ordinary memory (``PoolBuffers.pinned`` says which).  (torch's pinned
+allocator rounds a buffer up to a power of two of page-locked memory.)
 """
 
 from __future__ import annotations
@@ -133,15 +134,28 @@ def can_pin() -> bool:
 
 
 def pool_device(settings: Settings) -> torch.device:
-    """``settings.device`` as a torch device; a clear error where this torch has no such device."""
+    """``settings.device`` as a torch device with its index (a bare ``cuda`` is the current
+    one, resolved once: the I/O thread's current device may differ); a clear error where
+    this torch has no such device."""
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LocalProtocolError(f"device {settings.device!r}: this torch sees no CUDA device "
                                  f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})", field="device")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
         raise LocalProtocolError(f"device {settings.device!r}: this host has {torch.cuda.device_count()} CUDA "
                                  f"device(s)", field="device")
     return device
+
+
+def settle(device: torch.device) -> None:
+    """Wait for the copies queued on ``device`` (a no-op in host memory).  Before blocks go
+    back to the pool, and before a data plane reads rows: a remote writer (NIXL, Mooncake)
+    writes device memory outside CUDA's streams, so a queued copy out of reused blocks, or
+    a queued kernel still making the rows, would race it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class PoolBuffers:
@@ -152,6 +166,15 @@ class PoolBuffers:
         self.block_size = settings.block_size
         self.device = pool_device(settings)
         self.pinned = self.device.type == "cpu" and can_pin()
+        try:
+            self._allocate(settings, slots)
+        except RuntimeError:  # page-locked memory refused (a limit, a pool too large to pin)
+            if not self.pinned:
+                raise
+            self.pinned = False
+            self._allocate(settings, slots)
+
+    def _allocate(self, settings: Settings, slots: int) -> None:
         device, pinned = self.device, self.pinned
         self.embeddings = torch.zeros(slots, settings.hidden_size, dtype=torch_dtype(settings.dtype), device=device,
                                       pin_memory=pinned)
@@ -182,6 +205,7 @@ class PoolBuffers:
 
     def clear_aux(self, block: int) -> None:
         self.aux[block].zero_()
+        settle(self.device)  # (the block may be handed out, and written, as soon as we return)
 
 
 class Assembly:
@@ -189,11 +213,13 @@ class Assembly:
 
     __slots__ = ("embeddings", "fill_ids", "mrope", "delta", "storage")
 
-    def __init__(self, header: AuxHeader, settings: Settings, spare: torch.Tensor | None = None) -> None:
+    def __init__(self, header: AuxHeader, settings: Settings, spare: torch.Tensor | None = None,
+                 device: torch.device | None = None) -> None:
         """``spare``: embedding rows of a result nobody reads any more, at least this room's
-        length: reused (their pages are already faulted in), else fresh memory."""
+        length: reused (their pages are already faulted in), else fresh memory.  ``device``:
+        the pool's (results live where the pool does; default: ``settings.device``)."""
         total = header.total_tokens
-        device = torch.device(settings.device)  # (results live where the pool does)
+        device = device if device is not None else pool_device(settings)
         if spare is None or spare.shape[0] < total:
             spare = torch.empty(total, settings.hidden_size, dtype=torch_dtype(settings.dtype), device=device)
         self.storage = spare  # (what the result's embeddings are a view of)
@@ -208,6 +234,7 @@ class Assembly:
             self.embeddings[dst:dst + length].copy_(pool.embeddings[first_slot:first_slot + length])
             self.fill_ids[dst:dst + length].copy_(pool.fill_ids[first_slot:first_slot + length])
             self.mrope[dst:dst + length].copy_(pool.mrope[first_slot:first_slot + length])
+        settle(pool.device)  # copied out before the core hands these blocks on
 
     def result(self) -> EmbeddingData:
         return EmbeddingData(self.embeddings, self.fill_ids, self.mrope.t().contiguous(), self.delta)

@@ -31,8 +31,10 @@ import torch
 
 from embxfer.core import PoolLayout
 
+from .batch_writer import GIVEN_UP
 from .buffers import PoolBuffers
 
+log = logging.getLogger("embxfer")
 SCHEME = "nixl"
 INSTALL_HINT = (
     "install it with `pip install 'embxfer[nixl]'` (on a CPU-only host install the CPU torch wheel "
@@ -42,6 +44,9 @@ _ENVELOPE = struct.Struct("<4sBI")  # magic, memory kind (0 DRAM, 1 VRAM), devic
 _MAGIC = b"EXN1"
 _MEMORY_KINDS = ("DRAM", "VRAM")
 MAX_GONE = 4096
+MAX_NOTES = 65536  # notes waiting for the client of their sender
+MAX_NOTE_WRITES = 1024  # rounds one note may name (a merged write carries at most this many ranges)
+LOAD_RETRY = 10.0  # s before a receiver whose agent could not be loaded (connected) is tried again
 RELEASE_RETRY = 1.0  # s between attempts to release a handle NIXL still holds
 
 
@@ -112,13 +117,20 @@ class NixlEngine:
             raise NixlUnavailable(f"NIXL has no UCX backend here (plugins: {', '.join(self.agent.plugin_list)})")
         self.stuck_after = stuck_after
         self._lock = threading.Lock()
-        self._registered: dict[int, tuple[torch.Tensor, Any]] = {}  # address -> (tensor, its NIXL registration)
-        self._device_registrations = 0
+        # (address, bytes) -> [tensor, its NIXL registration, users]; changed under its own lock
+        self._registration_lock = threading.Lock()
+        self._registered: dict[tuple[int, int], list[Any]] = {}
+        self._device_regions: tuple[tuple[int, int, str, int], ...] = ()
         self._metadata: dict[str, bytes] = {}  # receiver session -> its envelope, as its PoolLayout sent it
         self._agents: dict[str, tuple[str, str, int]] = {}  # receiver session -> (agent name, memory kind, device)
         self._gone: dict[str, None] = {}  # receiver sessions known gone (the newest MAX_GONE)
+        self._notes: dict[str, list[bytes]] = {}  # sender session -> notes not yet taken
+        self._notes_waiting = 0
+        self.notes_dropped = 0
         self._loading: dict[str, threading.Lock] = {}  # receiver session -> held while its agent loads
-        self._to_remove: list[str] = []  # agents of gone receivers, removed by the next write
+        self._to_remove: list[str] = []  # agents of gone or failed receivers, removed by a writer
+        self._failed: dict[str, tuple[float, str]] = {}  # receiver session -> (retry after, why) for a failed load
+        self._writing_agents: dict[str, int] = {}  # agent name -> writes in flight to it
         self._closing = False
         self.writes_given_up = 0
         self.handles_held = 0  # handles NIXL would not release yet (their writes still wait on them)
@@ -131,44 +143,82 @@ class NixlEngine:
         kind, device = _memory_kind(pool.embeddings)
         return _ENVELOPE.pack(_MAGIC, _MEMORY_KINDS.index(kind), device) + bytes(self.agent.get_agent_metadata())
 
-    def notifications(self) -> list[bytes]:
-        """Notifications that arrived since the last call (each write sends one)."""
-        return [note for notes in self.agent.get_new_notifs().values() for note in notes]
+    def notes_from(self, session: str) -> list[bytes]:
+        """Notes that the sender ``session`` (its ``nixl:<agent>``) sent since the last call.
+        Several clients may share this agent (one pool, one client per encode server): each
+        takes only its own sender's, the others wait for theirs (at most MAX_NOTES in all)."""
+        with self._lock:
+            for agent, notes in self.agent.get_new_notifs().items():
+                name = agent.decode() if isinstance(agent, bytes) else str(agent)
+                self._notes.setdefault(f"{SCHEME}:{name}", []).extend(notes)
+                self._notes_waiting += len(notes)
+            while self._notes_waiting > MAX_NOTES:  # a sender nobody here reads: its oldest go
+                fullest = max(self._notes, key=lambda key: len(self._notes[key]))
+                dropped = len(self._notes[fullest]) // 2 or len(self._notes[fullest])
+                del self._notes[fullest][:dropped]
+                self._notes_waiting -= dropped
+                self.notes_dropped += dropped
+            mine = self._notes.pop(session, [])
+            self._notes_waiting -= len(mine)
+            return mine
 
     # --- WriteEngine ---------------------------------------------------------------------
     def register(self, tensor: torch.Tensor) -> None:
-        address = tensor.data_ptr()
-        if address in self._registered:
-            return
-        try:
-            registration = self.agent.register_memory(tensor)
-        except Exception as error:
-            raise NixlUnavailable(f"NIXL register_memory of {tensor.numel() * tensor.element_size()} bytes failed: "
-                                  f"{error}") from None
-        self._registered[address] = (tensor, registration)
-        self._device_registrations += tensor.device.type != "cpu"
+        """Register ``tensor``'s memory (counted: the same memory staged twice is registered
+        once and let go with its last user)."""
+        key = (tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        with self._registration_lock:
+            held = self._registered.get(key)
+            if held is not None:
+                held[2] += 1
+                return
+            try:
+                registration = self.agent.register_memory(tensor)
+            except Exception as error:
+                raise NixlUnavailable(f"NIXL register_memory of {key[1]} bytes failed: {error}") from None
+            self._registered[key] = [tensor, registration, 1]
+            self._publish_regions()
 
     def unregister(self, tensor: torch.Tensor) -> None:
-        held = self._registered.pop(tensor.data_ptr(), None)
-        if held is not None:
+        key = (tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        with self._registration_lock:
+            held = self._registered.get(key)
+            if held is None:
+                return
+            held[2] -= 1
+            if held[2]:
+                return
+            del self._registered[key]
+            self._publish_regions()
             self.agent.deregister_memory(held[1])
-            self._device_registrations -= tensor.device.type != "cpu"
+
+    def _publish_regions(self) -> None:
+        """The registered device memory as an immutable snapshot the writers read unlocked."""
+        self._device_regions = tuple(
+            (address, address + nbytes, *_memory_kind(tensor))
+            for (address, nbytes), (tensor, _, _) in self._registered.items() if tensor.device.type != "cpu")
 
     def learn(self, target: str, layout: PoolLayout) -> None:
         """How to reach ``target`` (the receiver's session): its ``PoolLayout``'s metadata."""
-        if target not in self._metadata:
-            self._metadata[target] = layout.data_plane_metadata
+        with self._lock:
+            if target not in self._metadata and target not in self._gone:
+                self._metadata[target] = layout.data_plane_metadata
 
     def _peer(self, target: str) -> tuple[str, str, int]:
-        """The receiver's agent, loaded from its metadata on first use (NIXL connects then:
-        only writes to this receiver wait for it, never our lock's other users)."""
+        """The receiver's agent, loaded from its metadata on first use.  NIXL connects to it
+        then, holding its own lock: only writes to this receiver wait on our side, and a
+        receiver that could not be reached is not tried again for LOAD_RETRY seconds (each
+        try holds every NIXL call of this process for its connect timeout)."""
         self._remove_gone()
         with self._lock:
             known = self._agents.get(target)
-            loading = self._loading.setdefault(target, threading.Lock()) if known is None else None
+            if known is None:
+                failed = self._failed.get(target)
+                if failed is not None and time.monotonic() < failed[0]:
+                    raise ValueError(f"receiver {target!r} could not be reached {LOAD_RETRY:g} s ago or less: {failed[1]}")
+                loading = self._loading.setdefault(target, threading.Lock())
         if known is not None:
             return known
-        assert loading is not None
         with loading:
             with self._lock:
                 known = self._agents.get(target)
@@ -180,87 +230,121 @@ class NixlEngine:
             magic, kind, device = _ENVELOPE.unpack_from(envelope)
             if magic != _MAGIC or kind >= len(_MEMORY_KINDS):
                 raise ValueError(f"receiver {target!r} sent metadata that is not an embxfer NIXL envelope")
-            name = self.agent.add_remote_agent(envelope[_ENVELOPE.size:])
+            try:
+                name = self.agent.add_remote_agent(envelope[_ENVELOPE.size:])
+            except Exception as error:
+                with self._lock:
+                    self._failed[target] = (time.monotonic() + LOAD_RETRY, f"{type(error).__name__}: {error}")
+                raise
             name = name.decode() if isinstance(name, bytes) else str(name)
             if f"{SCHEME}:{name}" != target:
-                self.agent.remove_remote_agent(name)
+                self._remove_agent(name)
                 raise ValueError(f"receiver {target!r} sent the metadata of agent {name!r}")
             with self._lock:
                 self._loading.pop(target, None)
+                self._failed.pop(target, None)
+                self._to_remove = [other for other in self._to_remove if other != name]  # (loaded afresh)
                 if target in self._gone:  # it went while we connected
                     self._to_remove.append(name)
                     raise ValueError(f"receiver {target!r} is gone")
                 self._agents[target] = known = (name, _MEMORY_KINDS[kind], device)
             return known
 
-    def _remove_gone(self) -> None:
-        """Forget the agents of receivers that are gone (on a writer's thread: NIXL may hold
-        its lock for a while, which the control loop must never wait for)."""
+    def _forget_agent(self, target: str, disconnect: bool) -> None:
+        """Load ``target``'s agent again at the next write (NIXL may have invalidated it: a
+        request to it raised; loading the same metadata again is allowed); ``disconnect``:
+        remove it first, dropping its connection (a transfer to it failed or was given up)."""
         with self._lock:
-            names, self._to_remove = self._to_remove, []
+            known = self._agents.pop(target, None)
+            if known is not None and disconnect:
+                self._to_remove.append(known[0])
+
+    def _remove_gone(self) -> None:
+        """Remove the agents of receivers that are gone or forgotten (on a writer's thread:
+        NIXL may hold its lock a while, which the control loop must never wait for); one
+        still written to waits for its last write."""
+        with self._lock:
+            busy = {name for name, n in self._writing_agents.items() if n}
+            names = [name for name in self._to_remove if name not in busy]
+            self._to_remove = [name for name in self._to_remove if name in busy]
         for name in names:
+            self._remove_agent(name)
+
+    def _remove_agent(self, name: str) -> None:
+        try:
             self.agent.remove_remote_agent(name)
+        except Exception as error:  # (NIXL may have invalidated it itself: a receiver that disconnected)
+            log.info("NIXL agent %s was already gone: %s", name, error)
 
     def write(self, target: str, local: list[int], remote: list[int], lengths: list[int], note: bytes = b"") -> int:
         """NIXL WRITEs of every range (one; two when the rows are on a device and the aux
         record in host memory: a request reads one kind of memory), the note with the last;
-        0 when written, negative when not (a failed transfer never raises)."""
+        0 when written, GIVEN_UP when not complete within ``stuck_after`` (the handle released,
+        the connection dropped, its bytes may still land), -1 when NIXL says it failed."""
         peer = self._peer(target)
-        groups = self._by_memory(local, remote, lengths)
-        for index, (kind, device, group_local, group_remote, group_lengths) in enumerate(groups):
-            rc = self._write_group(target, peer, (kind, device), group_local, group_remote, group_lengths,
-                                   note if index == len(groups) - 1 else b"")
-            if rc:
-                return rc
-        return 0
+        with self._lock:
+            self._writing_agents[peer[0]] = self._writing_agents.get(peer[0], 0) + 1
+        try:
+            give_up_at = time.monotonic() + self.stuck_after  # (one deadline for the whole write)
+            groups = self._by_memory(local, remote, lengths)
+            for index, (kind, device, group_local, group_remote, group_lengths) in enumerate(groups):
+                rc = self._write_group(target, peer, (kind, device), group_local, group_remote, group_lengths,
+                                       note if index == len(groups) - 1 else b"", give_up_at)
+                if rc:
+                    self._forget_agent(target, disconnect=True)
+                    return rc
+            return 0
+        except Exception:
+            self._forget_agent(target, disconnect=False)
+            raise
+        finally:
+            with self._lock:
+                self._writing_agents[peer[0]] -= 1
+                if not self._writing_agents[peer[0]]:
+                    del self._writing_agents[peer[0]]
 
     def _write_group(self, target: str, peer: tuple[str, str, int], memory: tuple[str, int], local: list[int],
-                     remote: list[int], lengths: list[int], note: bytes) -> int:
+                     remote: list[int], lengths: list[int], note: bytes, give_up_at: float) -> int:
         agent_name, remote_kind, remote_device = peer
         local_descs = self.agent.get_xfer_descs(_descs(local, lengths, memory[1]), memory[0])
         remote_descs = self.agent.get_xfer_descs(_descs(remote, lengths, remote_device), remote_kind)
         handle = self.agent.initialize_xfer("WRITE", local_descs, remote_descs, agent_name, note)
         state = self.agent.transfer(handle)
-        give_up_at = time.monotonic() + self.stuck_after
         pause = 0.0
         while state == "PROC":
             if self._closing or target in self._gone or time.monotonic() >= give_up_at:
-                return self._give_up(handle, target)
+                return self._give_up(handle)
             # (NIXL has no blocking wait: a short pause that grows, so a large write does
             # not spin a core, and a small one is seen within microseconds)
             time.sleep(pause)
             pause = min(pause * 2 or 20e-6, 1e-3)
             state = self.agent.check_xfer_state(handle)
-        self.agent.release_xfer_handle(handle)
+        if not self._release(handle):
+            return -3
         return 0 if state == "DONE" else -1
 
-    def _by_memory(self, local: list[int], remote: list[int],
-                   lengths: list[int]) -> list[tuple[str, int, list[int], list[int], list[int]]]:
-        """The ranges grouped by the kind of memory they are read from."""
-        if not self._device_registrations:
-            return [("DRAM", 0, local, remote, lengths)]  # (the common case: no device memory registered)
-        groups: dict[tuple[str, int], tuple[list[int], list[int], list[int]]] = {}
-        for address, remote_address, length in zip(local, remote, lengths):
-            group = groups.setdefault(self._local_kind(address), ([], [], []))
-            group[0].append(address)
-            group[1].append(remote_address)
-            group[2].append(length)
-        return [(kind, device, *group) for (kind, device), group in groups.items()]
-
-    def _give_up(self, handle: Any, target: str) -> int:
-        """Release a write that has not completed; while NIXL holds on to it, keep trying
-        (the caller's rows and the receiver's blocks stay untouched until it lets go)."""
+    def _give_up(self, handle: Any) -> int:
+        """Release a write that has not completed (NIXL cancels what it still holds; a
+        transfer already on the wire may land all the same: the caller reports GIVEN_UP,
+        and the core never acknowledges that room to the receiver, whose blocks wait out
+        their quarantine)."""
         with self._lock:
             self.writes_given_up += 1
+        return GIVEN_UP if self._release(handle) else -3
+
+    def _release(self, handle: Any) -> bool:
+        """Release ``handle``; while NIXL refuses (still in flight), keep trying: the
+        caller's rows stay staged until it lets go.  False: the process is going away first
+        (the handle is left; ``BatchWriter.close`` counts its write abandoned)."""
         held = False
         try:
             while True:
                 try:
                     self.agent.release_xfer_handle(handle)
-                    return -2
-                except Exception:  # still in flight: NIXL could not cancel it yet
+                    return True
+                except Exception:
                     if self._closing:
-                        return -3  # the process is going away: left (``BatchWriter.close`` counts it abandoned)
+                        return False
                     if not held:
                         held = True
                         with self._lock:
@@ -271,24 +355,34 @@ class NixlEngine:
                 with self._lock:
                     self.handles_held -= 1
 
-    def _local_kind(self, address: int) -> tuple[str, int]:
-        for base, (tensor, _) in list(self._registered.items()):  # (the I/O thread may register meanwhile)
-            if base <= address < base + tensor.numel() * tensor.element_size():
-                return _memory_kind(tensor)
-        return "DRAM", 0
+    def _by_memory(self, local: list[int], remote: list[int],
+                   lengths: list[int]) -> list[tuple[str, int, list[int], list[int], list[int]]]:
+        """The ranges grouped by the kind of memory they are read from."""
+        regions = self._device_regions
+        if not regions:
+            return [("DRAM", 0, local, remote, lengths)]  # (the common case: no device memory registered)
+        groups: dict[tuple[str, int], tuple[list[int], list[int], list[int]]] = {}
+        for address, remote_address, length in zip(local, remote, lengths):
+            kind = next(((k, d) for start, end, k, d in regions if start <= address < end), ("DRAM", 0))
+            group = groups.setdefault(kind, ([], [], []))
+            group[0].append(address)
+            group[1].append(remote_address)
+            group[2].append(length)
+        return [(kind, device, *group) for (kind, device), group in groups.items()]
 
     def route(self, target: str) -> tuple["NixlEngine", str]:
         return self, target
 
     def peer_gone(self, target: str) -> None:
         """``target`` is gone: writes still waiting on it give up, and its agent is forgotten
-        (by the next write: this runs on the control loop, which never waits on NIXL)."""
+        (by a writer: this runs on the control loop, which never waits on NIXL)."""
         with self._lock:
             self._gone[target] = None
             while len(self._gone) > MAX_GONE:
                 del self._gone[next(iter(self._gone))]
             self._metadata.pop(target, None)
             self._loading.pop(target, None)
+            self._failed.pop(target, None)
             known = self._agents.pop(target, None)
             if known is not None:
                 self._to_remove.append(known[0])
@@ -300,7 +394,7 @@ class NixlEngine:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"nixl_peers": len(self._agents), "nixl_writes_given_up": self.writes_given_up,
-                    "nixl_handles_held": self.handles_held}
+                    "nixl_handles_held": self.handles_held, "nixl_notes_dropped": self.notes_dropped}
 
     def stop_waiting(self) -> None:
         """The process is going away: writes still polling return at once (-3), their
@@ -310,9 +404,11 @@ class NixlEngine:
     def close(self) -> None:
         """Deregister what is still registered (before the memory goes)."""
         self._closing = True
-        for tensor, registration in list(self._registered.values()):
+        with self._registration_lock:
+            held, self._registered = list(self._registered.values()), {}
+            self._publish_regions()
+        for _, registration, _ in held:
             self.agent.deregister_memory(registration)
-        self._registered.clear()
 
 
 def _descs(addresses: list[int], lengths: list[int], device: int) -> np.ndarray:

@@ -79,9 +79,10 @@ def link(request: pytest.FixtureRequest) -> Any:
         pytest.skip(message)
 
 
-def start_encode(link: VethLink, *extra: str) -> tuple[Proc, str]:
+def start_encode(link: VethLink, *extra: str, env: dict[str, str] | None = None) -> tuple[Proc, str]:
     encode = link.run("enc", "serve-encode", ["serve-encode", "--host", link.enc_ip, "--bootstrap-port", "0",
-                                              "--synthetic-seed", SEED, "--json", "--no-progress", *SETTINGS, *extra])
+                                              "--synthetic-seed", SEED, "--json", "--no-progress", *SETTINGS, *extra],
+                      env=env)
     match = encode.wait_for(lambda out: re.search(r"ready on (\S+)", out), key="out", timeout=120,
                             what="the 'ready on' line")
     addr = match.group(1)
@@ -90,12 +91,12 @@ def start_encode(link: VethLink, *extra: str) -> tuple[Proc, str]:
 
 
 def start_language(link: VethLink, addr: str, requests: int, first_room: int, *, host: str | None = None,
-                   progress: bool = False) -> Proc:
+                   progress: bool = False, extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Proc:
     return link.run("lang", f"serve-language@{first_room}", [
         "serve-language", "--bootstrap-addr", addr, "--host", host or link.lang_ip, "--requests", str(requests),
         "--in-flight", str(requests), "--first-room", str(first_room), "--synthetic-seed", SEED, "--verify", "--json",
-        *([] if progress else ["--no-progress"]), *SETTINGS,
-    ])
+        *([] if progress else ["--no-progress"]), *SETTINGS, *extra,
+    ], env=env)
 
 
 def progress(requests: int) -> Any:
@@ -249,16 +250,10 @@ def test_a_blackholed_nixl_receiver_fails_its_rooms_in_time_and_a_healthy_one_is
 
     require_plane("nixl")
     device = _blackhole_nixl_address(link)
-    encode = link.run("enc", "serve-encode", [
-        "serve-encode", "--host", link.enc_ip, "--bootstrap-port", "0", "--synthetic-seed", SEED, "--json",
-        "--no-progress", *SETTINGS, "--data-plane", "nixl"], env=NIXL_ENV)
-    addr = encode.wait_for(lambda out: re.search(r"ready on (\S+)", out), key="out", timeout=120,
-                           what="the 'ready on' line").group(1)
+    nixl = ("--data-plane", "nixl")
+    encode, addr = start_encode(link, *nixl, env=NIXL_ENV)
     rooms = 3
-    bad = link.run("lang", "serve-language@blackholed", [
-        "serve-language", "--bootstrap-addr", addr, "--requests", str(rooms), "--in-flight", str(rooms),
-        "--synthetic-seed", SEED, "--verify", "--json", *SETTINGS, "--data-plane", "nixl"],
-        env={**NIXL_ENV, "UCX_NET_DEVICES": device})
+    bad = start_language(link, addr, rooms, 0, progress=True, extra=nixl, env={**NIXL_ENV, "UCX_NET_DEVICES": device})
     bad.wait_for(lambda err: progress(rooms)(err) >= 0, timeout=120, what="registration (the progress bar)")
     registered_at = time.monotonic()
     code = bad.wait(timeout=max(TIMEOUTS.values()) + SLACK + 60)
@@ -272,10 +267,7 @@ def test_a_blackholed_nixl_receiver_fails_its_rooms_in_time_and_a_healthy_one_is
     assert took <= max(TIMEOUTS.values()) + SLACK, (took, summary)
     assert encode.running(), f"serve-encode died:\n{encode.describe()}"
 
-    healthy = link.run("lang", "serve-language@healthy", [
-        "serve-language", "--bootstrap-addr", addr, "--requests", "3", "--in-flight", "3", "--first-room", "100",
-        "--synthetic-seed", SEED, "--verify", "--json", "--no-progress", *SETTINGS, "--data-plane", "nixl"],
-        env=NIXL_ENV)
+    healthy = start_language(link, addr, 3, 100, extra=nixl, env=NIXL_ENV)
     code = healthy.wait(timeout=120)
     second = healthy.summary()
     _say(request.config, f"healthy NIXL receiver right after: {second['succeeded']}/3 succeeded, "

@@ -20,7 +20,7 @@ from embxfer.adapters import LanguageClient, Poll, connect_local
 from embxfer.adapters import _language
 from embxfer.adapters.workload import room_data
 from embxfer.core import Settings, WriteRows
-from embxfer.transports import nixl as nixl_module
+from embxfer.transports import nixl as nixl_module, nixl_peers
 from embxfer.transports.batch_writer import GIVEN_UP
 from embxfer.transports.notes import note_for, writes_in
 
@@ -143,8 +143,8 @@ class StuckAgent:
 
 def stuck_engine(refusals: int, monkeypatch) -> nixl_module.NixlEngine:  # type: ignore[no-untyped-def]
     engine = nixl_module.NixlEngine("test", stuck_after=0.05)
-    engine.agent = StuckAgent(refusals)  # type: ignore[assignment]
-    engine._agents["nixl:peer"] = ("peer", "DRAM", 0)
+    engine.agent = engine.peers.agent = StuckAgent(refusals)  # type: ignore[assignment]
+    engine.peers._agents["nixl:peer"] = ("peer", "DRAM", 0)
     monkeypatch.setattr(nixl_module, "RELEASE_RETRY", 0.01)
     return engine
 
@@ -155,8 +155,8 @@ def test_a_write_nixl_never_completes_is_given_up_after_the_rounds_timeout(monke
     assert engine.agent.released == 1 and engine.agent.polls > 0  # type: ignore[attr-defined]
     assert engine.stats()["nixl_writes_given_up"] == 1 and engine.stats()["nixl_handles_held"] == 0
     # its connection is dropped (removed by the next write, off the control loop): reloaded then
-    assert "nixl:peer" not in engine._agents and engine._to_remove == ["peer"]
-    engine._remove_gone()
+    assert "nixl:peer" not in engine.peers._agents and engine.peers._to_remove == ["peer"]
+    engine.peers.remove_gone()
     assert engine.agent.removed == ["peer"]  # type: ignore[attr-defined]
 
 
@@ -178,7 +178,7 @@ def test_a_handle_nixl_will_not_release_holds_the_write_until_it_does(monkeypatc
 def test_a_gone_peer_ends_a_waiting_write_at_once_and_closing_abandons_a_held_handle(monkeypatch) -> None:
     engine = stuck_engine(0, monkeypatch)
     engine.stuck_after = 3600.0
-    engine._gone["nixl:peer"] = None
+    engine.peers._gone["nixl:peer"] = None
     assert engine.write("nixl:peer", [1], [2], [3]) == GIVEN_UP
     engine = stuck_engine(10**9, monkeypatch)
     engine._closing = True
@@ -254,8 +254,8 @@ def test_rows_on_a_device_and_the_aux_record_in_host_memory_go_as_two_requests_t
     import torch
 
     engine = nixl_module.NixlEngine("test")
-    engine.agent = RecordingAgent()  # type: ignore[assignment]
-    engine._agents["nixl:peer"] = ("peer", "DRAM", 0)
+    engine.agent = engine.peers.agent = RecordingAgent()  # type: ignore[assignment]
+    engine.peers._agents["nixl:peer"] = ("peer", "DRAM", 0)
     rows = torch.empty(1024, dtype=torch.uint8, device="meta")  # (stands in for rows on an accelerator)
     engine.register(rows)
     engine.register(rows)  # the same memory staged twice: registered once, counted
@@ -269,8 +269,8 @@ def test_rows_on_a_device_and_the_aux_record_in_host_memory_go_as_two_requests_t
 
 def test_a_receiver_that_could_not_be_reached_is_not_tried_again_at_once() -> None:
     engine = nixl_module.NixlEngine("test")
-    engine.agent = RecordingAgent(RuntimeError("NIXL_ERR_BACKEND"))  # type: ignore[assignment]
-    envelope = nixl_module._ENVELOPE.pack(nixl_module._MAGIC, 0, 0) + b"metadata"
+    engine.agent = engine.peers.agent = RecordingAgent(RuntimeError("NIXL_ERR_BACKEND"))  # type: ignore[assignment]
+    envelope = nixl_peers.envelope("DRAM", 0, b"metadata")
     engine.learn("nixl:peer", type("Layout", (), {"data_plane_metadata": envelope})())  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="NIXL_ERR_BACKEND"):
         engine.write("nixl:peer", [1], [2], [3])
@@ -278,4 +278,4 @@ def test_a_receiver_that_could_not_be_reached_is_not_tried_again_at_once() -> No
         engine.write("nixl:peer", [1], [2], [3])
     assert engine.agent.loads == 1  # type: ignore[attr-defined]
     engine.peer_gone("nixl:peer")
-    assert "nixl:peer" not in engine._failed
+    assert "nixl:peer" not in engine.peers._failed

@@ -8,10 +8,14 @@ backend, CPU memory; see the README):
   registered on the receiver after that;
 * a transfer has no deadline of its own (ai-dynamo/nixl #2047): a write polls its handle
   and gives up after ``stuck_after`` seconds (the round's own timeout).  Giving up releases
-  the handle (NIXL cancels what it still holds); while NIXL refuses that, the write keeps
-  polling and trying: the worker stays on it, so the room's source rows stay staged and the
-  receiver's blocks stay quarantined (its sender acknowledges the abort only after the write
-  ended) until the transfer is really over, the peer is gone or the process exits;
+  the handle (NIXL cancels what it still holds) and drops the connection; bytes already on
+  the wire may land all the same, so the write reports ``GIVEN_UP`` and the core never
+  acknowledges nor aborts that room to that receiver (its blocks wait out their whole
+  quarantine).  While NIXL refuses the release the worker stays on it, so the room's rows
+  stay staged;
+* NIXL connects to a receiver as its metadata is loaded, holding the agent's lock (every
+  call of this process waits): ``UCX_TCP_SYN_CNT=1`` bounds that to ~3 s for an address that
+  drops SYNs (the receivers' agents: nixl_peers.py);
 * the agent is used by several worker threads at once: it runs in NIXL's strict thread mode.
 """
 
@@ -21,7 +25,6 @@ import importlib
 import logging
 import os
 import secrets
-import struct
 import threading
 import time
 from typing import Any
@@ -33,20 +36,14 @@ from embxfer.core import PoolLayout
 
 from .batch_writer import GIVEN_UP
 from .buffers import PoolBuffers
+from .nixl_peers import SCHEME, NixlPeers, Peer, envelope
 
-log = logging.getLogger("embxfer")
-SCHEME = "nixl"
 INSTALL_HINT = (
     "install it with `pip install 'embxfer[nixl]'` (on a CPU-only host install the CPU torch wheel "
     "first, e.g. `pip install torch==2.13.0`, or pip pulls a CUDA build)"
 )
-_ENVELOPE = struct.Struct("<4sBI")  # magic, memory kind (0 DRAM, 1 VRAM), device id; then the agent metadata
-_MAGIC = b"EXN1"
-_MEMORY_KINDS = ("DRAM", "VRAM")
-MAX_GONE = 4096
 MAX_NOTES = 65536  # notes waiting for the client of their sender
 MAX_NOTE_WRITES = 1024  # rounds one note may name (a merged write carries at most this many ranges)
-LOAD_RETRY = 10.0  # s before a receiver whose agent could not be loaded (connected) is tried again
 RELEASE_RETRY = 1.0  # s between attempts to release a handle NIXL still holds
 
 
@@ -121,16 +118,10 @@ class NixlEngine:
         self._registration_lock = threading.Lock()
         self._registered: dict[tuple[int, int], list[Any]] = {}
         self._device_regions: tuple[tuple[int, int, str, int], ...] = ()
-        self._metadata: dict[str, bytes] = {}  # receiver session -> its envelope, as its PoolLayout sent it
-        self._agents: dict[str, tuple[str, str, int]] = {}  # receiver session -> (agent name, memory kind, device)
-        self._gone: dict[str, None] = {}  # receiver sessions known gone (the newest MAX_GONE)
+        self.peers = NixlPeers(self.agent)
         self._notes: dict[str, list[bytes]] = {}  # sender session -> notes not yet taken
         self._notes_waiting = 0
         self.notes_dropped = 0
-        self._loading: dict[str, threading.Lock] = {}  # receiver session -> held while its agent loads
-        self._to_remove: list[str] = []  # agents of gone or failed receivers, removed by a writer
-        self._failed: dict[str, tuple[float, str]] = {}  # receiver session -> (retry after, why) for a failed load
-        self._writing_agents: dict[str, int] = {}  # agent name -> writes in flight to it
         self._closing = False
         self.writes_given_up = 0
         self.handles_held = 0  # handles NIXL would not release yet (their writes still wait on them)
@@ -140,8 +131,7 @@ class NixlEngine:
         """Register the pool (once) and return what its ``PoolLayout`` carries."""
         for tensor in (pool.embeddings, pool.fill_ids, pool.mrope, pool.aux):
             self.register(tensor)
-        kind, device = _memory_kind(pool.embeddings)
-        return _ENVELOPE.pack(_MAGIC, _MEMORY_KINDS.index(kind), device) + bytes(self.agent.get_agent_metadata())
+        return envelope(*_memory_kind(pool.embeddings), bytes(self.agent.get_agent_metadata()))
 
     def notes_from(self, session: str) -> list[bytes]:
         """Notes that the sender ``session`` (its ``nixl:<agent>``) sent since the last call.
@@ -200,110 +190,29 @@ class NixlEngine:
 
     def learn(self, target: str, layout: PoolLayout) -> None:
         """How to reach ``target`` (the receiver's session): its ``PoolLayout``'s metadata."""
-        with self._lock:
-            if target not in self._metadata and target not in self._gone:
-                self._metadata[target] = layout.data_plane_metadata
-
-    def _peer(self, target: str) -> tuple[str, str, int]:
-        """The receiver's agent, loaded from its metadata on first use.  NIXL connects to it
-        then, holding its own lock: only writes to this receiver wait on our side, and a
-        receiver that could not be reached is not tried again for LOAD_RETRY seconds (each
-        try holds every NIXL call of this process for its connect timeout)."""
-        self._remove_gone()
-        with self._lock:
-            known = self._agents.get(target)
-            if known is None:
-                failed = self._failed.get(target)
-                if failed is not None and time.monotonic() < failed[0]:
-                    raise ValueError(f"receiver {target!r} could not be reached {LOAD_RETRY:g} s ago or less: {failed[1]}")
-                loading = self._loading.setdefault(target, threading.Lock())
-        if known is not None:
-            return known
-        with loading:
-            with self._lock:
-                known = self._agents.get(target)
-                envelope = self._metadata.get(target, b"")
-            if known is not None:
-                return known  # (another write loaded it meanwhile)
-            if len(envelope) <= _ENVELOPE.size or not target.startswith(SCHEME + ":"):
-                raise ValueError(f"receiver {target!r} sent no NIXL metadata (is it on --data-plane nixl?)")
-            magic, kind, device = _ENVELOPE.unpack_from(envelope)
-            if magic != _MAGIC or kind >= len(_MEMORY_KINDS):
-                raise ValueError(f"receiver {target!r} sent metadata that is not an embxfer NIXL envelope")
-            try:
-                name = self.agent.add_remote_agent(envelope[_ENVELOPE.size:])
-            except Exception as error:
-                with self._lock:
-                    self._failed[target] = (time.monotonic() + LOAD_RETRY, f"{type(error).__name__}: {error}")
-                raise
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            if f"{SCHEME}:{name}" != target:
-                self._remove_agent(name)
-                raise ValueError(f"receiver {target!r} sent the metadata of agent {name!r}")
-            with self._lock:
-                self._loading.pop(target, None)
-                self._failed.pop(target, None)
-                self._to_remove = [other for other in self._to_remove if other != name]  # (loaded afresh)
-                if target in self._gone:  # it went while we connected
-                    self._to_remove.append(name)
-                    raise ValueError(f"receiver {target!r} is gone")
-                self._agents[target] = known = (name, _MEMORY_KINDS[kind], device)
-            return known
-
-    def _forget_agent(self, target: str, disconnect: bool) -> None:
-        """Load ``target``'s agent again at the next write (NIXL may have invalidated it: a
-        request to it raised; loading the same metadata again is allowed); ``disconnect``:
-        remove it first, dropping its connection (a transfer to it failed or was given up)."""
-        with self._lock:
-            known = self._agents.pop(target, None)
-            if known is not None and disconnect:
-                self._to_remove.append(known[0])
-
-    def _remove_gone(self) -> None:
-        """Remove the agents of receivers that are gone or forgotten (on a writer's thread:
-        NIXL may hold its lock a while, which the control loop must never wait for); one
-        still written to waits for its last write."""
-        with self._lock:
-            busy = {name for name, n in self._writing_agents.items() if n}
-            names = [name for name in self._to_remove if name not in busy]
-            self._to_remove = [name for name in self._to_remove if name in busy]
-        for name in names:
-            self._remove_agent(name)
-
-    def _remove_agent(self, name: str) -> None:
-        try:
-            self.agent.remove_remote_agent(name)
-        except Exception as error:  # (NIXL may have invalidated it itself: a receiver that disconnected)
-            log.info("NIXL agent %s was already gone: %s", name, error)
+        self.peers.learn(target, layout.data_plane_metadata)
 
     def write(self, target: str, local: list[int], remote: list[int], lengths: list[int], note: bytes = b"") -> int:
         """NIXL WRITEs of every range (one; two when the rows are on a device and the aux
         record in host memory: a request reads one kind of memory), the note with the last;
         0 when written, GIVEN_UP when not complete within ``stuck_after`` (the handle released,
         the connection dropped, its bytes may still land), -1 when NIXL says it failed."""
-        peer = self._peer(target)
-        with self._lock:
-            self._writing_agents[peer[0]] = self._writing_agents.get(peer[0], 0) + 1
-        try:
-            give_up_at = time.monotonic() + self.stuck_after  # (one deadline for the whole write)
-            groups = self._by_memory(local, remote, lengths)
-            for index, (kind, device, group_local, group_remote, group_lengths) in enumerate(groups):
-                rc = self._write_group(target, peer, (kind, device), group_local, group_remote, group_lengths,
-                                       note if index == len(groups) - 1 else b"", give_up_at)
-                if rc:
-                    self._forget_agent(target, disconnect=True)
-                    return rc
-            return 0
-        except Exception:
-            self._forget_agent(target, disconnect=False)
-            raise
-        finally:
-            with self._lock:
-                self._writing_agents[peer[0]] -= 1
-                if not self._writing_agents[peer[0]]:
-                    del self._writing_agents[peer[0]]
+        with self.peers.writing(target) as peer:
+            try:
+                give_up_at = time.monotonic() + self.stuck_after  # (one deadline for the whole write)
+                groups = self._by_memory(local, remote, lengths)
+                for index, (kind, device, group_local, group_remote, group_lengths) in enumerate(groups):
+                    rc = self._write_group(target, peer, (kind, device), group_local, group_remote, group_lengths,
+                                           note if index == len(groups) - 1 else b"", give_up_at)
+                    if rc:
+                        self.peers.forget(target, disconnect=True)
+                        return rc
+                return 0
+            except Exception:
+                self.peers.forget(target, disconnect=False)
+                raise
 
-    def _write_group(self, target: str, peer: tuple[str, str, int], memory: tuple[str, int], local: list[int],
+    def _write_group(self, target: str, peer: Peer, memory: tuple[str, int], local: list[int],
                      remote: list[int], lengths: list[int], note: bytes, give_up_at: float) -> int:
         agent_name, remote_kind, remote_device = peer
         local_descs = self.agent.get_xfer_descs(_descs(local, lengths, memory[1]), memory[0])
@@ -312,7 +221,7 @@ class NixlEngine:
         state = self.agent.transfer(handle)
         pause = 0.0
         while state == "PROC":
-            if self._closing or target in self._gone or time.monotonic() >= give_up_at:
+            if self._closing or self.peers.is_gone(target) or time.monotonic() >= give_up_at:
                 return self._give_up(handle)
             # (NIXL has no blocking wait: a short pause that grows, so a large write does
             # not spin a core, and a small one is seen within microseconds)
@@ -374,18 +283,8 @@ class NixlEngine:
         return self, target
 
     def peer_gone(self, target: str) -> None:
-        """``target`` is gone: writes still waiting on it give up, and its agent is forgotten
-        (by a writer: this runs on the control loop, which never waits on NIXL)."""
-        with self._lock:
-            self._gone[target] = None
-            while len(self._gone) > MAX_GONE:
-                del self._gone[next(iter(self._gone))]
-            self._metadata.pop(target, None)
-            self._loading.pop(target, None)
-            self._failed.pop(target, None)
-            known = self._agents.pop(target, None)
-            if known is not None:
-                self._to_remove.append(known[0])
+        """``target`` is gone: writes still waiting on it give up, its agent is removed."""
+        self.peers.gone(target)
 
     def prune(self, closing: bool = False) -> None:
         if closing:
@@ -393,7 +292,7 @@ class NixlEngine:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"nixl_peers": len(self._agents), "nixl_writes_given_up": self.writes_given_up,
+            return {"nixl_peers": len(self.peers), "nixl_writes_given_up": self.writes_given_up,
                     "nixl_handles_held": self.handles_held, "nixl_notes_dropped": self.notes_dropped}
 
     def stop_waiting(self) -> None:

@@ -261,7 +261,7 @@ class LanguageClient(_Runtime):
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if self.nixl is not None:
-            self._check_notes()  # (a round's note arrives before its Status)
+            self._check_notes()  # (most notes arrive before their round's Status; nothing orders them)
         message = decode(frames)
         now = time.monotonic()
         aux, aux_error = self.rows.aux_for(self.endpoint, message)
